@@ -1,0 +1,214 @@
+"""``CheckpointManager``: save, load (re-sharding), list and retain checkpoints under one root.
+
+```python
+mgr = CheckpointManager(uri, keep_last=3)
+info = mgr.save(step, {"app": AppState(model, optimizer), "extra": {"cursor": 7}})  # collective
+info = mgr.load({"app": AppState(model, optimizer)})                               # collective
+```
+Top-level entries of the state that are ``Stateful`` or hold tensors go through DCP with this
+package's storage writer/reader; the other top-level entries must be JSON-able and are stored
+in the manifest (``CheckpointInfo.extra``; dicts passed to ``load`` are also updated in place).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.stateful import Stateful
+
+from elastic_ckpt.checkpoint.catalog import Catalog, CheckpointInfo
+from elastic_ckpt.checkpoint.manifest import decode_json_value, encode_json_value, step_dirname
+from elastic_ckpt.checkpoint.planners import JsonLoadPlanner, JsonSavePlanner
+from elastic_ckpt.checkpoint.reader import ReadStats, ShardReader
+from elastic_ckpt.checkpoint.retention import steps_to_delete, validate_retention
+from elastic_ckpt.checkpoint.writer import PhaseCallback, ShardWriter
+from elastic_ckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+    ElasticCkptError,
+)
+from elastic_ckpt.storage import Storage
+
+DEFAULT_BLOCK_SIZE_BYTES = 1 << 16
+"""64 KiB checksum blocks: a re-shard reads at most one partial block beyond each end of each
+range it needs, so small blocks keep read amplification near 1.0 while the checksum list stays
+~0.01% of the data."""
+
+
+class CheckpointManager:
+    """Owns one checkpoint root. ``save`` and ``load`` are collective over ``process_group``
+    (every rank calls them with the same arguments); ``latest``/``list`` are local reads.
+
+    A failed ``save`` never touches the previous committed checkpoint; a failed ``load`` raises
+    a typed error on every rank (``CheckpointNotFoundError``, ``CheckpointNotCommittedError``,
+    ``CheckpointCorruptError``, ``CheckpointMismatchError``).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        keep_last: int | None = 3,
+        keep_every: int | None = None,
+        *,
+        block_size_bytes: int = DEFAULT_BLOCK_SIZE_BYTES,
+        read_threads: int = 4,
+        process_group: dist.ProcessGroup | None = None,
+        on_phase: PhaseCallback | None = None,
+    ) -> None:
+        validate_retention(keep_last, keep_every)
+        self.root = Storage(uri)
+        self.uri = self.root.uri
+        self.catalog = Catalog(self.root)
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.block_size_bytes = block_size_bytes
+        self.read_threads = read_threads
+        self.process_group = process_group
+        self.on_phase = on_phase
+        self.last_read_stats = ReadStats()
+        self.last_timings: dict[str, float] = {}
+
+    # -- queries (local) ---------------------------------------------------------------------
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first."""
+        committed, _ = self.catalog.scan()
+        return [self.catalog.info(step) for step in committed]
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint, or None."""
+        step = self.catalog.latest_step()
+        return None if step is None else self.catalog.info(step)
+
+    # -- collectives -------------------------------------------------------------------------
+    def save(self, step: int, state: dict[str, Any]) -> CheckpointInfo:
+        """Write ``state`` as checkpoint ``step`` and commit it; then apply retention.
+
+        Collective. Returns once the checkpoint is committed (manifest and marker durable).
+        Raises ``CheckpointSaveError`` if ``step`` is already committed.
+        """
+        if not isinstance(step, int) or step < 0:
+            raise CheckpointSaveError(f"step must be a non-negative int, got {step!r}")
+        dcp_state, extra = _split_state(state)
+        name = step_dirname(step)
+        started = time.perf_counter()
+        if self._rank() == 0:
+            self._prepare_directory(step, name)
+        writer = ShardWriter(self.root.child(name), step=step, extra=extra,
+                             block_size_bytes=self.block_size_bytes, on_phase=self.on_phase)
+        metadata = self._run_dcp(lambda: dcp.save(dcp_state, storage_writer=writer,
+                                       planner=JsonSavePlanner(),
+                                       process_group=self.process_group))
+        self.last_timings = {"save_s": time.perf_counter() - started}
+        if self._rank() == 0:
+            self._apply_retention(in_progress=frozenset())
+        # dcp.save hands every rank the global metadata, so no extra collective is needed.
+        tensors = {k: md for k, md in metadata.state_dict_metadata.items() if hasattr(md, "chunks")}
+        total = sum(math.prod(c.sizes) * md.properties.dtype.itemsize
+                    for md in tensors.values() for c in md.chunks)
+        return CheckpointInfo(step=step, uri=self.root.uri_of(name),
+                              world_size=self._world_size(), total_bytes=total,
+                              created_unix_s=time.time(), num_tensors=len(tensors),
+                              extra=decode_json_value(extra))
+
+    def load(self, state: dict[str, Any], step: int | None = None) -> CheckpointInfo:
+        """Load checkpoint ``step`` (default: the latest committed) into ``state`` in place,
+        re-sharding to the current world size. Collective."""
+        if step is None:
+            step = self._broadcast(self.catalog.latest_step())
+            if step is None:
+                raise CheckpointNotFoundError(
+                    f"no committed checkpoint under {self.uri}", path=self.uri)
+        started = time.perf_counter()
+        directory, manifest = self.catalog.open(step)
+        dcp_state, _ = _split_state(state)
+        reader = ShardReader(directory, manifest, num_threads=self.read_threads)
+        self._run_dcp(lambda: dcp.load(dcp_state, storage_reader=reader,
+                                       planner=JsonLoadPlanner(),
+                                       process_group=self.process_group))
+        info = CheckpointInfo.from_manifest(directory.uri, manifest)
+        for key, value in info.extra.items():
+            if isinstance(state.get(key), dict) and isinstance(value, dict):
+                state[key].clear()
+                state[key].update(value)
+        self.last_read_stats = reader.stats
+        self.last_timings = {"load_s": time.perf_counter() - started}
+        return info
+
+    # -- internals ---------------------------------------------------------------------------
+    def _prepare_directory(self, step: int, name: str) -> None:
+        committed, uncommitted = self.catalog.scan()
+        if step in committed:
+            raise CheckpointSaveError(
+                f"checkpoint step {step} is already committed at {self.root.uri_of(name)}; "
+                "checkpoints are immutable. Save under a new step or delete it first.",
+                step=step)
+        if step in uncommitted:  # debris of a crashed save of the same step
+            self.root.remove_tree(name)
+        self.root.makedirs(name)
+
+    def _apply_retention(self, in_progress: frozenset[int]) -> None:
+        committed, uncommitted = self.catalog.scan()
+        for step in steps_to_delete(committed, uncommitted, self.keep_last, self.keep_every,
+                                    in_progress):
+            self.root.remove_tree(step_dirname(step))
+
+    def _run_dcp(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except CheckpointException as exc:
+            raise _unwrap(exc) from None
+
+    def _rank(self) -> int:
+        return dist.get_rank(self.process_group) if dist.is_initialized() else 0
+
+    def _world_size(self) -> int:
+        return dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+
+    def _broadcast(self, value: Any) -> Any:
+        if not dist.is_initialized() or self._world_size() == 1:
+            return value
+        box = [value]
+        src = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
+        dist.broadcast_object_list(box, src=src, group=self.process_group)
+        return box[0]
+
+
+def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(entries for DCP, JSON-encoded extras)``."""
+    if not isinstance(state, dict):
+        raise TypeError(f"checkpoint state must be a dict of name -> value, got {type(state)}")
+    dcp_state, extra = {}, {}
+    for key, value in state.items():
+        if isinstance(value, (Stateful, torch.Tensor)) or _holds_tensor(value):
+            dcp_state[key] = value
+        else:
+            extra[key] = encode_json_value(value, key)
+    return dcp_state, extra
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    return False
+
+
+def _unwrap(exc: CheckpointException) -> BaseException:
+    """DCP wraps per-rank failures; surface ours with their type, naming the failing rank."""
+    failures = exc.failures
+    for rank in sorted(failures):
+        inner = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+        if isinstance(inner, ElasticCkptError):
+            return type(inner)(f"rank {rank}: {inner.message}", rank=rank,
+                               **{k: v for k, v in inner.details.items() if k != "rank"})
+    return CheckpointError(f"checkpoint operation failed: {exc}")

@@ -1,0 +1,229 @@
+"""``ShardReader``: a DCP ``StorageReader`` that reads exactly the byte ranges a rank needs.
+
+DCP's planner decides *what* each rank needs (``ReadItem``: a box of a saved chunk). For a box
+that is a run of whole rows of the chunk (every dim-0 re-shard) that is one contiguous byte
+range, read straight into the destination tensor's memory. The only extra bytes read are the
+parts of the first and last checksum block outside the range, so every byte read is verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from elastic_ckpt.checkpoint import checksum
+from elastic_ckpt.checkpoint.manifest import MANIFEST_FILE, ChunkEntry, Manifest, TensorEntry
+from elastic_ckpt.errors import CheckpointCorruptError, StorageError
+from elastic_ckpt.storage import Storage
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """Bytes this rank needed vs. read from storage (read amplification = read / needed)."""
+
+    bytes_needed: int = 0
+    bytes_read: int = 0
+
+    @property
+    def amplification(self) -> float:
+        return self.bytes_read / self.bytes_needed if self.bytes_needed else 1.0
+
+
+def read_manifest(directory: Storage) -> Manifest:
+    try:
+        data = directory.read_bytes(MANIFEST_FILE)
+    except StorageError as exc:
+        raise CheckpointCorruptError(
+            f"{directory.uri_of(MANIFEST_FILE)} cannot be read ({exc})", file=MANIFEST_FILE
+        ) from exc
+    return Manifest.from_json(data, directory.uri_of(MANIFEST_FILE))
+
+
+def to_dcp_metadata(manifest: Manifest) -> Metadata:
+    """The DCP view of a manifest, so DCP's planners can plan the re-shard."""
+    sd_md: dict[str, Any] = {}
+    for fqn, t in manifest.tensors.items():
+        sd_md[fqn] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=t.torch_dtype),
+            size=torch.Size(t.shape),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size(c.offsets),
+                                         sizes=torch.Size(c.lengths)) for c in t.chunks],
+        )
+    for fqn in manifest.objects:
+        sd_md[fqn] = BytesStorageMetadata()
+    return Metadata(state_dict_metadata=sd_md,
+                    planner_data={k: tuple(v) for k, v in manifest.flatten_mappings.items()})
+
+
+class ChunkReader:
+    """Verified ranged reads of chunks from one checkpoint directory (not DCP-specific; also
+    used by ``verify`` and ``export``). Thread-safe."""
+
+    def __init__(self, directory: Storage, manifest: Manifest) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.block_size = manifest.block_size_bytes
+
+    def read_range(self, fqn: str, chunk: ChunkEntry, start: int, dest) -> int:
+        """Fill ``dest`` (a writable buffer) with bytes ``[start, start + len(dest))`` of the
+        chunk and verify every block touched. Returns the bytes read from storage."""
+        view = memoryview(dest).cast("B")
+        stop = start + len(view)
+        lo, hi = checksum.block_span(start, stop, chunk.byte_length, self.block_size)
+        head, tail = bytearray(start - lo), bytearray(hi - stop)
+        segments = [(lo, memoryview(head)), (start, view), (stop, memoryview(tail))]
+        try:
+            with self.directory.open_read(chunk.file) as f:
+                for seg_start, buf in segments:
+                    if len(buf) and f.read_into(chunk.byte_offset + seg_start, buf) != len(buf):
+                        raise self._truncated(fqn, chunk, seg_start, len(buf))
+        except StorageError as exc:
+            what = "is missing" if getattr(exc, "missing", False) else f"cannot be read ({exc})"
+            raise CheckpointCorruptError(
+                f"{self.directory.uri_of(chunk.file)} {what}; it holds tensor {fqn!r} "
+                f"(chunk at offsets {list(chunk.offsets)}). Load an older checkpoint.",
+                file=chunk.file, tensor=fqn) from exc
+        self._verify(fqn, chunk, lo, hi, segments)
+        return hi - lo
+
+    def _verify(self, fqn, chunk, lo, hi, segments) -> None:
+        sums = checksum.decode(chunk.checksums)
+        bs = self.block_size
+        for block in range(lo // bs, -(-hi // bs)):
+            b_lo, b_hi = block * bs, min((block + 1) * bs, chunk.byte_length)
+            value = 0
+            for seg_start, buf in segments:
+                a, b = max(b_lo, seg_start), min(b_hi, seg_start + len(buf))
+                if a < b:
+                    value = checksum.crc(buf[a - seg_start:b - seg_start], value)
+            if value != int(sums[block]):
+                raise CheckpointCorruptError(
+                    f"checksum mismatch in {self.directory.uri_of(chunk.file)} at bytes "
+                    f"[{chunk.byte_offset + b_lo}, {chunk.byte_offset + b_hi}) — tensor {fqn!r}, "
+                    f"chunk at offsets {list(chunk.offsets)}, block {block}. The file is "
+                    "corrupt; load an older checkpoint.", file=chunk.file, tensor=fqn)
+
+    def _truncated(self, fqn, chunk, seg_start, n) -> CheckpointCorruptError:
+        size = self.directory.size(chunk.file)
+        return CheckpointCorruptError(
+            f"{self.directory.uri_of(chunk.file)} is truncated: tensor {fqn!r} needs bytes "
+            f"[{chunk.byte_offset + seg_start}, {chunk.byte_offset + seg_start + n}) but the "
+            f"file has {size} bytes. Load an older checkpoint.", file=chunk.file, tensor=fqn)
+
+    def read_rows(self, fqn: str, entry: TensorEntry, chunk: ChunkEntry, row0: int,
+                  nrows: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """Rows ``[row0, row0 + nrows)`` (dim 0) of a chunk as a tensor shaped like the chunk
+        (into ``out`` when given: CPU, contiguous, right dtype and shape)."""
+        shape = (nrows, *chunk.lengths[1:]) if chunk.lengths else ()
+        if out is None:
+            out = torch.empty(shape, dtype=entry.torch_dtype)
+        row_bytes = math.prod(chunk.lengths[1:]) * entry.itemsize if chunk.lengths else 0
+        start = row0 * row_bytes if chunk.lengths else 0
+        nread = self.read_range(fqn, chunk, start, out.reshape(-1).view(torch.uint8).numpy())
+        return out, nread
+
+
+class ShardReader(StorageReader):
+    """Reads one committed checkpoint directory; build a new one per load."""
+
+    def __init__(self, directory: Storage, manifest: Manifest | None = None,
+                 num_threads: int = 4) -> None:
+        super().__init__()
+        self.directory = directory
+        self.manifest = manifest
+        self.num_threads = num_threads
+        self.stats = ReadStats()
+
+    def reset(self, checkpoint_id=None) -> None:
+        self.stats = ReadStats()
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.manifest is None:
+            self.manifest = read_manifest(self.directory)
+        return to_dcp_metadata(self.manifest)
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kw):
+        if self.manifest is None:
+            self.manifest = read_manifest(self.directory)
+        self._chunks = ChunkReader(self.directory, self.manifest)
+        self._index = {(fqn, tuple(c.offsets)): c
+                       for fqn, t in self.manifest.tensors.items() for c in t.chunks}
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        tensor_items = []
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                text = _json_text(self.manifest.objects[item.storage_index.fqn])
+                planner.load_bytes(item, io.BytesIO(text))
+            else:
+                tensor_items.append((item, planner.resolve_tensor(item).detach()))
+        # Sorted by file and offset so each file is read front to back.
+        tensor_items.sort(key=lambda it: self._sort_key(it[0]))
+        if self.num_threads > 1 and len(tensor_items) > 1:
+            with ThreadPoolExecutor(self.num_threads, thread_name_prefix="ckpt-read") as pool:
+                counts = list(pool.map(lambda it: self._read_item(*it), tensor_items))
+        else:
+            counts = [self._read_item(*it) for it in tensor_items]
+        self.stats.bytes_read += sum(c[0] for c in counts)
+        self.stats.bytes_needed += sum(c[1] for c in counts)
+        for item, dest in tensor_items:
+            planner.commit_tensor(item, dest)
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    def _sort_key(self, item: ReadItem):
+        c = self._index[(item.storage_index.fqn, tuple(item.storage_index.offset))]
+        return c.file, c.byte_offset
+
+    def _read_item(self, item: ReadItem, dest: torch.Tensor) -> tuple[int, int]:
+        """Fill ``dest``; returns ``(bytes read, bytes needed)``."""
+        fqn = item.storage_index.fqn
+        entry = self.manifest.tensors[fqn]
+        chunk = self._index[(fqn, tuple(item.storage_index.offset))]
+        offs, lens = tuple(item.storage_offsets), tuple(item.lengths)
+        whole_rows = all(o == 0 and n == c for o, n, c in
+                         zip(offs[1:], lens[1:], chunk.lengths[1:]))
+        row0, nrows = (offs[0], lens[0]) if lens else (0, 0)
+        direct = (whole_rows and dest.device.type == "cpu" and dest.is_contiguous()
+                  and dest.dtype == entry.torch_dtype)
+        if direct:
+            _, nread = self._chunks.read_rows(fqn, entry, chunk, row0, nrows,
+                                              out=dest.view((nrows, *chunk.lengths[1:])
+                                                            if lens else ()))
+        else:
+            rows, nread = self._chunks.read_rows(fqn, entry, chunk, row0, nrows)
+            for dim in range(1, len(lens)):
+                rows = rows.narrow(dim, offs[dim], lens[dim])
+            dest.copy_(rows.reshape(dest.shape))
+        return nread, math.prod(lens) * entry.itemsize
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return False
+
+
+def _json_text(value: Any) -> bytes:
+    return json.dumps(value).encode()

@@ -1,0 +1,63 @@
+"""The typed error taxonomy. Every layer raises these so callers can act on the type.
+
+Each error message says what failed, where (file, tensor, rank, field) and what to do next.
+Errors survive pickling (DCP gathers per-rank exceptions to every rank; Ray ships them
+between processes) with their extra attributes intact.
+"""
+
+from __future__ import annotations
+
+
+class ElasticCkptError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        for key, value in details.items():
+            setattr(self, key, value)
+
+    def __reduce__(self):  # keep ``details`` across pickling (DCP gathers, Ray RPC)
+        return (_rebuild, (type(self), self.message, self.details))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type, message: str, details: dict) -> ElasticCkptError:
+    return cls(message, **details)
+
+
+class ConfigError(ElasticCkptError, ValueError):
+    """A configuration file or value is invalid; the message names the field."""
+
+
+class StorageError(ElasticCkptError, OSError):
+    """The storage backend failed (I/O error, unreachable bucket, bad URI)."""
+
+
+class CheckpointError(ElasticCkptError):
+    """Base class for checkpoint problems."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint exists at the requested location or step."""
+
+
+class CheckpointNotCommittedError(CheckpointError):
+    """The checkpoint directory exists but has no COMMITTED marker (a crashed or running save)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """Bytes on storage do not match the manifest: checksum mismatch, truncation, missing file,
+    or a manifest that is malformed or points outside its checkpoint directory."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint is intact but does not fit the state being loaded (missing tensor,
+    wrong shape or dtype)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save failed; the previous committed checkpoint is untouched."""

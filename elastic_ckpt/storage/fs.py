@@ -1,0 +1,332 @@
+"""URI -> filesystem resolution and the small set of operations the checkpoint layer needs.
+
+Local paths take a fast, durable path (``os.pwritev``/``os.preadv`` straight from/into caller
+buffers, ``fsync`` of files and directories, atomic ``rename``). Every other URI goes through
+``pyarrow.fs`` (S3, GCS, HDFS, ...), where an object becomes visible atomically when its
+stream is closed, so "write then rename" degrades to "write".
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+from elastic_ckpt.errors import StorageError
+
+_LOCAL_SCHEMES = ("file://",)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Map a URI or local path to ``(pyarrow filesystem, path within it)``.
+
+    Plain paths (absolute or relative) and ``file://`` URIs give a ``LocalFileSystem`` and an
+    absolute path; anything else is handed to ``pyarrow.fs.FileSystem.from_uri``.
+    """
+    if not isinstance(uri, str) or not uri:
+        raise StorageError(f"storage URI must be a non-empty string, got {uri!r}", uri=uri)
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    if uri.startswith(_LOCAL_SCHEMES):
+        return pafs.LocalFileSystem(), os.path.abspath(uri[len("file://"):])
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError variants
+        raise StorageError(
+            f"cannot open storage URI {uri!r}: {exc}. Check the scheme and credentials.", uri=uri
+        ) from exc
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/', whatever the scheme."""
+    out = uri.rstrip("/")
+    for part in parts:
+        if part:
+            out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def open_storage(uri: str, filesystem: pafs.FileSystem | None = None) -> "Storage":
+    return Storage(uri, filesystem)
+
+
+class Storage:
+    """A root URI and its filesystem. Every ``name`` argument is relative to the root.
+
+    Thread-safe for concurrent reads and for writes to distinct names.
+    """
+
+    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None) -> None:
+        if filesystem is None:
+            filesystem, root = resolve(uri)
+        else:
+            root = uri.split("://", 1)[-1] if "://" in uri else uri
+        self.uri = uri.rstrip("/") if len(uri) > 1 else uri
+        self.fs = filesystem
+        self.root = root.rstrip("/") if len(root) > 1 else root
+        self.is_local = isinstance(filesystem, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
+
+    def child(self, name: str) -> "Storage":
+        return Storage(join_uri(self.uri, name), self.fs)
+
+    def path(self, name: str = "") -> str:
+        return join_uri(self.root, name) if name else self.root
+
+    def uri_of(self, name: str = "") -> str:
+        return join_uri(self.uri, name) if name else self.uri
+
+    # -- metadata ---------------------------------------------------------------------------
+    def exists(self, name: str = "") -> bool:
+        if self.is_local:
+            return os.path.exists(self.path(name))
+        return self._info(name).type != pafs.FileType.NotFound
+
+    def is_dir(self, name: str = "") -> bool:
+        if self.is_local:
+            return os.path.isdir(self.path(name))
+        return self._info(name).type == pafs.FileType.Directory
+
+    def size(self, name: str) -> int | None:
+        """Size in bytes of a file, or ``None`` if it does not exist."""
+        if self.is_local:
+            try:
+                return os.stat(self.path(name)).st_size
+            except FileNotFoundError:
+                return None
+        info = self._info(name)
+        return None if info.type == pafs.FileType.NotFound else info.size
+
+    def listdir(self, name: str = "") -> list[tuple[str, bool]]:
+        """``(entry name, is_dir)`` for each direct child, sorted by name; [] if absent."""
+        try:
+            if self.is_local:
+                with os.scandir(self.path(name)) as it:
+                    entries = [(e.name, e.is_dir()) for e in it]
+            else:
+                sel = pafs.FileSelector(self.path(name), allow_not_found=True)
+                entries = [
+                    (i.base_name, i.type == pafs.FileType.Directory)
+                    for i in self.fs.get_file_info(sel)
+                ]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._error("list", name, exc) from exc
+        return sorted(entries)
+
+    def _info(self, name: str) -> pafs.FileInfo:
+        try:
+            return self.fs.get_file_info(self.path(name))
+        except OSError as exc:
+            raise self._error("stat", name, exc) from exc
+
+    # -- mutation ---------------------------------------------------------------------------
+    def makedirs(self, name: str = "") -> None:
+        try:
+            if self.is_local:
+                os.makedirs(self.path(name), exist_ok=True)
+            else:
+                self.fs.create_dir(self.path(name), recursive=True)
+        except OSError as exc:
+            raise self._error("create directory", name, exc) from exc
+
+    def remove_tree(self, name: str) -> None:
+        """Delete a directory and everything under it; absent is fine."""
+        if not self.exists(name):
+            return
+        try:
+            self.fs.delete_dir(self.path(name))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._error("delete", name, exc) from exc
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """Write ``data`` so readers see either nothing or all of it, durably.
+
+        Local: temp file in the same directory, fsync, rename, fsync the directory.
+        Object stores: a single PUT, which is atomic.
+        """
+        if not self.is_local:
+            with self.open_write(name) as out:
+                out.write(data)
+            return
+        final = self.path(name)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            _fsync_dir(os.path.dirname(final))
+        except OSError as exc:
+            _silent_remove(tmp)
+            raise self._error("write", name, exc) from exc
+
+    @contextmanager
+    def open_write(self, name: str) -> Iterator["_Writer"]:
+        """A sequential writer; the file is durable (fsynced / uploaded) when the block exits
+        without error. On error the partial file is removed."""
+        writer = _LocalWriter(self.path(name)) if self.is_local else _ArrowWriter(self, name)
+        try:
+            yield writer
+            writer.close(durable=True)
+        except BaseException as exc:
+            writer.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                raise self._error("write", name, exc) from exc
+            raise
+
+    # -- reads ------------------------------------------------------------------------------
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            if self.is_local:
+                with open(self.path(name), "rb") as f:
+                    return f.read()
+            with self.fs.open_input_stream(self.path(name)) as f:
+                return f.read()
+        except OSError as exc:
+            raise self._error("read", name, exc) from exc
+
+    @contextmanager
+    def open_read(self, name: str) -> Iterator["_Reader"]:
+        """A random-access reader for ranged reads into caller buffers."""
+        try:
+            reader = _LocalReader(self.path(name)) if self.is_local else _ArrowReader(
+                self.fs.open_input_file(self.path(name))
+            )
+        except OSError as exc:
+            raise self._error("open", name, exc) from exc
+        try:
+            yield reader
+        finally:
+            reader.close()
+
+    def _error(self, what: str, name: str, exc: BaseException) -> StorageError:
+        missing = isinstance(exc, FileNotFoundError)
+        uri = self.uri_of(name)
+        hint = "it does not exist" if missing else str(exc)
+        return StorageError(f"cannot {what} {uri}: {hint}", path=uri, missing=missing)
+
+
+class _LocalWriter:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.offset = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.offset += n
+        return n
+
+    def close(self, durable: bool) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if durable:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+        if durable:
+            _fsync_dir(os.path.dirname(self.path))
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        _silent_remove(self.path)
+
+
+class _ArrowWriter:
+    def __init__(self, storage: Storage, name: str) -> None:
+        self.storage, self.name = storage, name
+        self.stream = storage.fs.open_output_stream(storage.path(name))
+        self.offset = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.stream.write(view)
+        self.offset += len(view)
+        return len(view)
+
+    def close(self, durable: bool) -> None:
+        if not self.stream.closed:
+            self.stream.close()
+
+    def abort(self) -> None:
+        try:
+            if not self.stream.closed:
+                self.stream.close()
+            self.storage.fs.delete_file(self.storage.path(self.name))
+        except OSError:
+            pass
+
+
+class _LocalReader:
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read_into(self, offset: int, buf) -> int:
+        """Fill ``buf`` from ``offset``; returns the bytes read (short only at end of file)."""
+        view = memoryview(buf).cast("B")
+        total = 0
+        while total < len(view):
+            n = os.preadv(self.fd, [view[total:]], offset + total)
+            if n == 0:
+                break
+            total += n
+        return total
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _ArrowReader:
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def read_into(self, offset: int, buf) -> int:
+        view = memoryview(buf).cast("B")
+        data = self.handle.read_at(len(view), offset)
+        n = len(data)
+        view[:n] = memoryview(data)
+        return n
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _silent_remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
