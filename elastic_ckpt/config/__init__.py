@@ -1,0 +1,19 @@
+"""Configuration: pydantic models validated once, YAML loading. Imports neither torch.distributed
+nor ray."""
+
+from elastic_ckpt.config.loading import dump_config, load_config, validate_config
+from elastic_ckpt.config.schema import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    ModelConfig,
+    OptimConfig,
+    ParquetDatasetConfig,
+    ScalingConfig,
+    SyntheticDatasetConfig,
+    TrainConfig,
+)
+
+__all__ = ["CheckpointConfig", "DataConfig", "FailureConfig", "ModelConfig", "OptimConfig",
+           "ParquetDatasetConfig", "ScalingConfig", "SyntheticDatasetConfig", "TrainConfig",
+           "dump_config", "load_config", "validate_config"]

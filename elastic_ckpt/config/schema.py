@@ -1,0 +1,217 @@
+"""``TrainConfig`` and its sections: pydantic v2, frozen, unknown fields refused.
+
+Every field has a one-line docstring; cross-field rules are checked once, here. Nested
+sections accept plain dicts (``TrainConfig(data={"global_batch_size": 64})``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    Tag,
+    model_validator,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class ScalingConfig(_Section):
+    """How many workers, and what each one needs."""
+
+    min_workers: PositiveInt = 1
+    """Fewest workers training may run with; below this the coordinator waits for capacity."""
+    max_workers: PositiveInt = 2
+    """Most workers; the coordinator scales up to this as capacity appears."""
+    resources_per_worker: dict[str, float] = {"CPU": 1.0}
+    """Ray resources of one worker (one placement-group bundle)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL; adds ``GPU: 1`` to each bundle when absent."""
+    cooldown_s: float = Field(5.0, ge=0)
+    """Minimum seconds between two resizes; node events inside it coalesce into one resize."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "SPREAD"
+    """Ray placement-group strategy for the worker bundles."""
+    capacity_timeout_s: float | None = Field(300.0, gt=0)
+    """How long to wait for ``min_workers`` to fit before failing; None waits forever."""
+    request_resources: bool = True
+    """Ask the Ray autoscaler for ``max_workers`` bundles (withdrawn when training ends)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScalingConfig":
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must be <= max_workers "
+                             f"({self.max_workers})")
+        if any(v < 0 for v in self.resources_per_worker.values()):
+            raise ValueError("resources_per_worker values must be >= 0")
+        return self
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        """The placement-group bundle of one worker."""
+        bundle = dict(self.resources_per_worker)
+        if self.use_gpu:
+            bundle.setdefault("GPU", 1.0)
+        return bundle
+
+
+class CheckpointConfig(_Section):
+    uri: str = "./checkpoints"
+    """Root URI of the checkpoints: a local path, ``file://``, ``s3://``, ``gs://``."""
+    interval_steps: PositiveInt | None = 50
+    """Checkpoint every this many steps (None: only on resize and at the end)."""
+    keep_last: PositiveInt | None = 3
+    """How many of the newest committed checkpoints retention keeps (None: all)."""
+    keep_every: PositiveInt | None = None
+    """Also keep every checkpoint whose step is a multiple of this (None: off)."""
+    save_on_finish: bool = True
+    """Write a final checkpoint at ``max_steps``."""
+
+
+class SyntheticDatasetConfig(_Section):
+    kind: Literal["synthetic"] = "synthetic"
+    """A learnable synthetic language-modelling dataset (no downloads)."""
+    num_samples: PositiveInt = 4096
+    """Number of sequences."""
+    seq_len: PositiveInt = 64
+    """Tokens per sequence."""
+    vocab_size: PositiveInt = 256
+    """Vocabulary size; must equal ``model.vocab_size``."""
+
+
+class ParquetDatasetConfig(_Section):
+    kind: Literal["parquet"] = "parquet"
+    """Token sequences from Parquet files (any pyarrow.fs URI)."""
+    uri: str
+    """A Parquet file or a directory of them."""
+    column: str = "tokens"
+    """The fixed-length token column."""
+    seq_len: PositiveInt | None = None
+    """Expected tokens per row (checked on read); None: not checked."""
+
+
+def _dataset_kind(value: object) -> str | None:
+    # ``kind`` may be omitted for the synthetic default.
+    if isinstance(value, dict):
+        return value.get("kind", "synthetic")
+    return getattr(value, "kind", None)
+
+
+DatasetConfig = Annotated[
+    Union[Annotated[SyntheticDatasetConfig, Tag("synthetic")],
+          Annotated[ParquetDatasetConfig, Tag("parquet")]],
+    Discriminator(_dataset_kind),
+]
+
+
+class DataConfig(_Section):
+    global_batch_size: PositiveInt = 32
+    """Samples per optimizer step, whatever the world size."""
+    micro_batch_size: PositiveInt = 8
+    """Samples per forward/backward on one rank (gradient accumulation over the rest)."""
+    seed: int = Field(0, ge=0)
+    """Seed of the sample order (a pure function of seed and epoch)."""
+    shuffle: bool = True
+    """Shuffle each epoch; False keeps dataset order."""
+    dataset: DatasetConfig = SyntheticDatasetConfig()
+    """The dataset used when ``ElasticTrainer`` is not given one (e.g. ``jobs/train.py``)."""
+
+
+class OptimConfig(_Section):
+    lr: PositiveFloat = 3e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps from 0 to ``lr``."""
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    """Decay after warm-up, keyed on the global step."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final LR as a fraction of ``lr`` for cosine/linear decay."""
+    grad_clip_norm: PositiveFloat | None = 1.0
+    """Clip the global gradient norm to this (None: no clipping)."""
+
+
+class FailureConfig(_Section):
+    max_failures: int | None = Field(3, ge=0)
+    """Crashes tolerated before ``fit()`` raises (preemptions don't count; None: unlimited)."""
+
+
+class ModelConfig(_Section):
+    """The GPT-style model ``jobs/train.py`` builds when no ``model_fn`` is given."""
+
+    vocab_size: PositiveInt = 256
+    """Vocabulary size."""
+    d_model: PositiveInt = 128
+    """Hidden size."""
+    n_layers: PositiveInt = 4
+    """Transformer blocks (each is one ``fully_shard`` unit)."""
+    n_heads: PositiveInt = 4
+    """Attention heads; must divide ``d_model``."""
+    max_seq_len: PositiveInt = 64
+    """Positional-embedding length; must be >= the dataset's ``seq_len``."""
+    mlp_ratio: PositiveInt = 4
+    """MLP hidden size as a multiple of ``d_model``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        return self
+
+
+class TrainConfig(_Section):
+    """Everything an elastic training run needs, validated once."""
+
+    max_steps: PositiveInt = 200
+    """Global optimizer steps to train for."""
+    scaling: ScalingConfig = ScalingConfig()
+    """Worker counts and resources."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Where and how often to checkpoint."""
+    data: DataConfig = DataConfig()
+    """Batching and sample order."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and LR schedule."""
+    failure: FailureConfig = FailureConfig()
+    """Crash tolerance."""
+    model: ModelConfig = ModelConfig()
+    """The built-in GPT model (used when no ``model_fn`` is given)."""
+    mixed_precision: Literal["none", "bf16"] = "none"
+    """``bf16``: bf16 parameters for compute, fp32 gradient reduction (GPU)."""
+    seed: int = Field(0, ge=0)
+    """Seed of model initialization and of per-step RNG."""
+    log_interval_steps: PositiveInt = 10
+    """Print progress every this many steps."""
+    run_dir: str = "./runs/latest"
+    """Where the event timeline (events.jsonl) and metrics are written."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        data = self.data
+        if data.micro_batch_size > data.global_batch_size:
+            raise ValueError(f"data.micro_batch_size ({data.micro_batch_size}) must be <= "
+                             f"data.global_batch_size ({data.global_batch_size})")
+        if self.optim.warmup_steps >= self.max_steps and self.optim.warmup_steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < "
+                             f"max_steps ({self.max_steps})")
+        ds = data.dataset
+        if isinstance(ds, SyntheticDatasetConfig):
+            if ds.vocab_size != self.model.vocab_size:
+                raise ValueError(f"data.dataset.vocab_size ({ds.vocab_size}) must equal "
+                                 f"model.vocab_size ({self.model.vocab_size})")
+            if ds.seq_len > self.model.max_seq_len:
+                raise ValueError(f"data.dataset.seq_len ({ds.seq_len}) must be <= "
+                                 f"model.max_seq_len ({self.model.max_seq_len})")
+        if self.mixed_precision == "bf16" and not self.scaling.use_gpu:
+            raise ValueError("mixed_precision='bf16' needs scaling.use_gpu=true")
+        return self
