@@ -14,7 +14,11 @@ from elastic_ckpt.checkpoint.manifest import (
     step_dirname,
 )
 from elastic_ckpt.checkpoint.reader import read_manifest
-from elastic_ckpt.errors import CheckpointNotCommittedError, CheckpointNotFoundError
+from elastic_ckpt.errors import (
+    CheckpointCorruptError,
+    CheckpointNotCommittedError,
+    CheckpointNotFoundError,
+)
 from elastic_ckpt.storage import Storage
 
 
@@ -85,4 +89,11 @@ def open_checkpoint(directory: Storage) -> tuple[Storage, Manifest]:
             f"({'manifest present' if has_manifest else 'no manifest'}): the save that wrote "
             "it crashed or is still running. It is never loaded; use an earlier checkpoint.",
             path=directory.uri)
-    return directory, read_manifest(directory)
+    manifest = read_manifest(directory)
+    named = parse_step_dirname(directory.uri.rstrip("/").rsplit("/", 1)[-1])
+    if named is not None and named != manifest.step:
+        raise CheckpointCorruptError(
+            f"{directory.uri} is named for step {named} but its manifest says step "
+            f"{manifest.step}; the directory was renamed or its manifest replaced",
+            path=directory.uri, file="manifest.json")
+    return directory, manifest

@@ -101,7 +101,8 @@ class CheckpointManager:
         if self._rank() == 0:
             self._prepare_directory(step, name)
         writer = ShardWriter(self.root.child(name), step=step, extra=extra,
-                             block_size_bytes=self.block_size_bytes, on_phase=self.on_phase)
+                             block_size_bytes=self.block_size_bytes, on_phase=self.on_phase,
+                             process_group=self.process_group)
         metadata = self._run_dcp(lambda: dcp.save(dcp_state, storage_writer=writer,
                                        planner=JsonSavePlanner(),
                                        process_group=self.process_group))

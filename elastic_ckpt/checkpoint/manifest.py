@@ -157,6 +157,7 @@ class Manifest(_Frozen):
     @model_validator(mode="after")
     def _chunks_consistent(self) -> "Manifest":
         for fqn, t in self.tensors.items():
+            _check_exact_cover(fqn, t)
             for c in t.chunks:
                 if len(c.offsets) != len(t.shape) or len(c.lengths) != len(t.shape):
                     raise ValueError(f"tensor {fqn!r}: chunk rank does not match shape {t.shape}")
@@ -193,6 +194,22 @@ class Manifest(_Frozen):
                 "The checkpoint cannot be loaded; use an older one (elastic-ckpt ls).",
                 file=where, field=loc,
             ) from None
+
+
+def _check_exact_cover(fqn: str, t: TensorEntry) -> None:
+    """The chunks must tile the global shape: a gap would leave part of the destination
+    unwritten on load (stale values, silently), an overlap means a forged manifest."""
+    if any(len(c.offsets) != len(t.shape) for c in t.chunks):
+        return  # reported with a clearer message by the per-chunk check
+    volume = sum(math.prod(c.lengths) for c in t.chunks)
+    if volume != math.prod(t.shape):
+        raise ValueError(f"tensor {fqn!r}: chunks cover {volume} of {math.prod(t.shape)} "
+                         "elements; the checkpoint is missing data")
+    boxes = [(c.offsets, c.lengths) for c in t.chunks if math.prod(c.lengths)]
+    for i, (oa, la) in enumerate(boxes):
+        for ob, lb in boxes[i + 1:]:
+            if all(a < b + m and b < a + n for a, n, b, m in zip(oa, la, ob, lb)):
+                raise ValueError(f"tensor {fqn!r}: chunks at {list(oa)} and {list(ob)} overlap")
 
 
 # -- JSON codec for non-tensor leaves ------------------------------------------------------

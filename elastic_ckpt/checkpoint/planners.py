@@ -75,8 +75,11 @@ class JsonLoadPlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = decoded
 
 
-def placements_of(value: Any) -> tuple[tuple[str, ...] | None, tuple[int, ...] | None]:
-    """``(placements, mesh shape)`` of a DTensor as strings; ``(None, None)`` otherwise."""
+def placements_of(value: Any) -> tuple[tuple[str, ...] | None, tuple[int, ...] | None,
+                                        tuple[str, ...] | None]:
+    """``(placements, mesh shape, mesh axis names)`` of a DTensor; all None otherwise."""
     if isinstance(value, DTensor):
-        return tuple(repr(p) for p in value.placements), tuple(value.device_mesh.shape)
-    return None, None
+        mesh = value.device_mesh
+        return (tuple(repr(p) for p in value.placements), tuple(mesh.shape),
+                tuple(mesh.mesh_dim_names) if mesh.mesh_dim_names else None)
+    return None, None, None

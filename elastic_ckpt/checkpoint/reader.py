@@ -133,6 +133,10 @@ class ChunkReader:
         shape = (nrows, *chunk.lengths[1:]) if chunk.lengths else ()
         if out is None:
             out = torch.empty(shape, dtype=entry.torch_dtype)
+        elif not (out.is_contiguous() and out.device.type == "cpu"
+                  and out.dtype == entry.torch_dtype):
+            raise ValueError("read_rows(out=...) needs a contiguous CPU tensor of the chunk's "
+                             "dtype; the bytes would land in a temporary copy otherwise")
         row_bytes = math.prod(chunk.lengths[1:]) * entry.itemsize if chunk.lengths else 0
         start = row0 * row_bytes if chunk.lengths else 0
         nread = self.read_range(fqn, chunk, start, out.reshape(-1).view(torch.uint8).numpy())

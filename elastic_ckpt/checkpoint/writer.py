@@ -50,6 +50,7 @@ class _Written:
     checksums: str
     placements: tuple[str, ...] | None = None
     mesh_shape: tuple[int, ...] | None = None
+    mesh_dim_names: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,7 @@ class ShardWriter(StorageWriter):
         extra: dict[str, Any] | None = None,
         block_size_bytes: int = 1 << 16,
         on_phase: PhaseCallback | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.directory = directory
@@ -87,6 +89,7 @@ class ShardWriter(StorageWriter):
         self.extra = extra or {}
         self.block_size = block_size_bytes
         self.on_phase = on_phase or (lambda phase: None)
+        self.process_group = process_group
         self.rank = 0
         self.manifest: Manifest | None = None
         self.bytes_written = 0
@@ -97,7 +100,7 @@ class ShardWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
-        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.rank = dist.get_rank(self.process_group) if dist.is_initialized() else 0
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -118,11 +121,11 @@ class ShardWriter(StorageWriter):
                 data = tensor_bytes(tensor)
                 offset = out.offset
                 out.write(data)
-                placements, mesh = placements_of(flat_state.get(item.index.fqn))
+                placements, mesh, axes = placements_of(flat_state.get(item.index.fqn))
                 written = _Written(
                     file=name, byte_offset=offset, byte_length=len(data), rank=self.rank,
                     checksums=checksum.encode(checksum.block_checksums(data, self.block_size)),
-                    placements=placements, mesh_shape=mesh,
+                    placements=placements, mesh_shape=mesh, mesh_dim_names=axes,
                 )
                 results.append(WriteResult(index=item.index, size_in_bytes=len(data),
                                            storage_data=written))
@@ -159,6 +162,7 @@ class ShardWriter(StorageWriter):
         tensors: dict[str, TensorEntry] = {}
         objects: dict[str, Any] = {}
         mesh_shape: tuple[int, ...] | None = None
+        mesh_dim_names: tuple[str, ...] | None = None
         for fqn, md in metadata.state_dict_metadata.items():
             if not hasattr(md, "chunks"):
                 obj = by_index[MetadataIndex(fqn)]
@@ -169,6 +173,7 @@ class ShardWriter(StorageWriter):
                 w: _Written = by_index[MetadataIndex(fqn, chunk.offsets)]
                 placements = placements or w.placements
                 mesh_shape = mesh_shape or w.mesh_shape
+                mesh_dim_names = mesh_dim_names or w.mesh_dim_names
                 chunks.append(ChunkEntry(
                     offsets=tuple(chunk.offsets), lengths=tuple(chunk.sizes), file=w.file,
                     byte_offset=w.byte_offset, byte_length=w.byte_length, rank=w.rank,
@@ -177,12 +182,13 @@ class ShardWriter(StorageWriter):
             tensors[fqn] = TensorEntry(dtype=dtype_name(md.properties.dtype),
                                        shape=tuple(md.size), placements=placements,
                                        chunks=chunks)
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        world_size = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
         return Manifest(
             format_version=FORMAT_VERSION,
             step=self.step,
             world_size=world_size,
             mesh_shape=mesh_shape or (world_size,),
+            mesh_dim_names=mesh_dim_names,
             created_unix_s=time.time(),
             versions={"elastic_ckpt": _version(), "torch": torch.__version__},
             block_size_bytes=self.block_size,
