@@ -29,6 +29,7 @@ from elastic_ckpt.checkpoint.manifest import (
     step_dirname,
 )
 from elastic_ckpt.checkpoint.reader import ChunkReader
+from elastic_ckpt.checkpoint.verify import verify
 from elastic_ckpt.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -205,9 +206,12 @@ def write_grid_checkpoint(root, full: dict[str, torch.Tensor], splits: dict[str,
                                     placements=("Shard(dim=1)",), chunks=chunks)
     for rank, data in files.items():
         directory.write_atomic(rank_filename(rank), bytes(data))
-    manifest = Manifest(format_version=FORMAT_VERSION, step=1, world_size=2, mesh_shape=(2,),
-                        created_unix_s=time.time(), versions={}, block_size_bytes=block_size,
-                        tensors=tensors)
+    # model_construct skips validation, so a manifest with a dropped chunk can be written.
+    make = Manifest.model_construct if drop else Manifest
+    manifest = make(format_version=FORMAT_VERSION, step=1, world_size=2, mesh_shape=(2,),
+                    created_unix_s=time.time(), versions={}, block_size_bytes=block_size,
+                    tensors=tensors, format="elastic_ckpt", checksum_algorithm="crc32c",
+                    mesh_dim_names=None, objects={}, flatten_mappings={}, extra={})
     directory.write_atomic(MANIFEST_FILE, manifest.to_json())
     directory.write_atomic(COMMITTED_FILE, b"")
     return directory.uri
@@ -259,6 +263,9 @@ def test_missing_chunk_is_reported_not_left_uninitialized(tmp_path):
     t = torch.randn(4, 6)
     uri = write_grid_checkpoint(tmp_path, {"w": t}, {"w": (2, 2)}, drop=("w", 3))
     out = tmp_path / "w.safetensors"
+    # The manifest validator refuses it before any byte is read or written.
     with pytest.raises(CheckpointCorruptError, match=r"'w'.*cover 18 of 24"):
         export_checkpoint(uri, str(out), "safetensors")
     assert not out.exists()
+    with pytest.raises(CheckpointCorruptError, match=r"'w'.*cover 18 of 24"):
+        verify(uri)
