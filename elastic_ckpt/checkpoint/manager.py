@@ -98,8 +98,15 @@ class CheckpointManager:
         dcp_state, extra = _split_state(state)
         name = step_dirname(step)
         started = time.perf_counter()
+        failure = None
         if self._rank() == 0:
-            self._prepare_directory(step, name)
+            try:
+                self._prepare_directory(step, name)
+            except Exception as exc:  # every rank must raise, or the others block in dcp.save
+                failure = exc
+        failure = self._broadcast(failure)
+        if failure is not None:
+            raise failure
         writer = ShardWriter(self.root.child(name), step=step, extra=extra,
                              block_size_bytes=self.block_size_bytes, on_phase=self.on_phase,
                              process_group=self.process_group)

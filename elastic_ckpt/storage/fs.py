@@ -73,7 +73,11 @@ class Storage:
         return f"Storage({self.uri!r})"
 
     def child(self, name: str) -> "Storage":
-        return Storage(join_uri(self.uri, name), self.fs)
+        # The child's path is derived from ours, not re-parsed from its URI: a relative local
+        # root must not follow later chdirs, and URIs may carry a query (s3://b/x?region=..).
+        child = Storage(join_uri(self.uri, name), self.fs)
+        child.root = join_uri(self.root, name)
+        return child
 
     def path(self, name: str = "") -> str:
         return join_uri(self.root, name) if name else self.root
@@ -178,7 +182,10 @@ class Storage:
     def open_write(self, name: str) -> Iterator["_Writer"]:
         """A sequential writer; the file is durable (fsynced / uploaded) when the block exits
         without error. On error the partial file is removed."""
-        writer = _LocalWriter(self.path(name)) if self.is_local else _ArrowWriter(self, name)
+        try:
+            writer = _LocalWriter(self.path(name)) if self.is_local else _ArrowWriter(self, name)
+        except OSError as exc:
+            raise self._error("open for writing", name, exc) from exc
         try:
             yield writer
             writer.close(durable=True)
@@ -303,7 +310,11 @@ class _ArrowReader:
 
     def read_into(self, offset: int, buf) -> int:
         view = memoryview(buf).cast("B")
-        data = self.handle.read_at(len(view), offset)
+        # Arrow refuses reads past the end; the contract is a short read there, like pread.
+        nbytes = max(0, min(len(view), self.handle.size() - offset))
+        if nbytes == 0:
+            return 0
+        data = self.handle.read_at(nbytes, offset)
         n = len(data)
         view[:n] = memoryview(data)
         return n
