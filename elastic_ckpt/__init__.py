@@ -9,6 +9,7 @@ from elastic_ckpt.errors import (
     ConfigError,
     ElasticCkptError,
     StorageError,
+    TrainingFailedError,
 )
 
 __version__ = "0.1.0"
@@ -18,6 +19,9 @@ _LAZY = {
     "CheckpointInfo": "elastic_ckpt.checkpoint.manager",
     "AppState": "elastic_ckpt.checkpoint.app_state",
     "verify": "elastic_ckpt.checkpoint.verify",
+    "ElasticTrainer": "elastic_ckpt.trainer",
+    "Result": "elastic_ckpt.trainer",
+    "TrainConfig": "elastic_ckpt.config",
 }
 
 
@@ -42,6 +46,10 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "ElasticCkptError",
+    "ElasticTrainer",
+    "Result",
     "StorageError",
+    "TrainConfig",
+    "TrainingFailedError",
     "verify",
 ]

@@ -61,3 +61,9 @@ class CheckpointMismatchError(CheckpointError):
 
 class CheckpointSaveError(CheckpointError):
     """A save failed; the previous committed checkpoint is untouched."""
+
+
+class TrainingFailedError(ElasticCkptError):
+    """``fit()`` gave up: failures exceeded ``failure.max_failures``, a fatal error, or fewer
+    than ``min_workers`` fit for ``capacity_timeout_s``. The message names the last committed
+    checkpoint, which is intact."""

@@ -12,6 +12,7 @@ in the manifest (``CheckpointInfo.extra``; dicts passed to ``load`` are also upd
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Callable
@@ -33,7 +34,10 @@ from elastic_ckpt.errors import (
     CheckpointNotFoundError,
     CheckpointSaveError,
     ElasticCkptError,
+    StorageError,
 )
+
+log = logging.getLogger(__name__)
 from elastic_ckpt.storage import Storage
 
 DEFAULT_BLOCK_SIZE_BYTES = 1 << 16
@@ -162,10 +166,16 @@ class CheckpointManager:
         self.root.makedirs(name)
 
     def _apply_retention(self, in_progress: frozenset[int]) -> None:
-        committed, uncommitted = self.catalog.scan()
-        for step in steps_to_delete(committed, uncommitted, self.keep_last, self.keep_every,
-                                    in_progress):
-            self.root.remove_tree(step_dirname(step))
+        """Best effort: the save already committed, and only rank 0 runs this, so a failed
+        delete is logged (and retried after the next save), never raised."""
+        try:
+            committed, uncommitted = self.catalog.scan()
+            for step in steps_to_delete(committed, uncommitted, self.keep_last,
+                                        self.keep_every, in_progress):
+                self.root.remove_tree(step_dirname(step))
+        except StorageError as exc:
+            log.warning("retention under %s failed (will retry after the next save): %s",
+                        self.uri, exc)
 
     def _run_dcp(self, fn: Callable[[], Any]) -> Any:
         try:

@@ -150,7 +150,8 @@ class RankTrainer:
             step += 1
             tokens_seen += metrics.tokens
             if step == (restored or 0) + 1:
-                self.hooks.on_event("first_step", {"seconds": time.perf_counter() - started,
+                self.hooks.on_event("first_step", {"seconds": metrics.step_time_s,
+                                                   "since_start_s": time.perf_counter() - started,
                                                    "step": step})
             self.hooks.on_step(metrics)
             if stop or self._due(step):

@@ -1,0 +1,319 @@
+"""``Coordinator``: observes the cluster, asks the policies, and carries their decisions out on
+a ``WorkerGroup`` — one state transition per loop iteration (see ``state.py``).
+
+Runs inside one Ray actor (``ElasticTrainer`` starts it, pinned to the driver's node). Tensors
+never pass through it: ranks exchange state through checkpoints only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+import ray
+
+from elastic_ckpt.checkpoint import CheckpointInfo, CheckpointManager
+from elastic_ckpt.config import TrainConfig
+from elastic_ckpt.coordinator.cluster import ClusterView
+from elastic_ckpt.coordinator.events import ScalingEvent, Timeline
+from elastic_ckpt.coordinator.policy import (
+    Failure,
+    FailureDecision,
+    FailureKind,
+    FailurePolicy,
+    Observation,
+    ResizeDecision,
+    ScalingPolicy,
+)
+from elastic_ckpt.coordinator.state import (
+    TERMINAL,
+    Failed,
+    Finished,
+    Recovering,
+    Resizing,
+    Running,
+    Starting,
+    State,
+    Waiting,
+    check_transition,
+)
+from elastic_ckpt.coordinator.worker import WorkerJob
+from elastic_ckpt.coordinator.worker_group import GroupPoll, PlacementTimeout, WorkerGroup
+from elastic_ckpt.train import StepMetrics
+
+POLL_INTERVAL_S = 0.1
+CLUSTER_POLL_INTERVAL_S = 0.5
+PLACEMENT_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CoordinatorResult:
+    final_step: int
+    checkpoint: CheckpointInfo | None
+    history: tuple[StepMetrics, ...]
+    events: tuple[ScalingEvent, ...]
+    sample_ledger: dict[int, tuple[int, ...]]
+    error: str | None
+
+
+class Coordinator:
+    def __init__(self, config: TrainConfig, job: WorkerJob, record_samples: bool = False,
+                 cluster: ClusterView | None = None) -> None:
+        s = config.scaling
+        self.config = config
+        self.scaling = ScalingPolicy(s.min_workers, s.max_workers, cooldown_s=s.cooldown_s)
+        self.failure_policy = FailurePolicy(config.failure.max_failures)
+        self.cluster = cluster or ClusterView()
+        self.group = WorkerGroup(job, s.bundle, s.placement_strategy, s.use_gpu)
+        self.timeline = Timeline(os.path.join(config.run_dir, "events.jsonl")
+                                 if config.run_dir else None)
+        self.record_samples = record_samples
+        self.failures = 0
+        self.history: dict[int, StepMetrics] = {}
+        self.ledger: dict[int, list[int]] = {}
+        self.last_step = 0
+        self.restored_step: int | None = None
+        self._capacity = (0, time.time())  # (value, when it last changed)
+        self._last_cluster_poll = 0.0
+        self._draining: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+        self._progress: list[StepMetrics] = []
+        self._progress_events: list[ScalingEvent] = []
+        self._last_healthy = time.time()
+        self._resumed_s: float | None = None  # when the current group made its first step
+
+    # -- public (Ray actor methods) ---------------------------------------------------------
+    def run(self) -> CoordinatorResult:
+        self._request_resources(self.config.scaling.max_workers)
+        state: State = Starting(ScalingEvent("start", "initial start", from_workers=0))
+        error = None
+        try:
+            while not isinstance(state, TERMINAL):
+                new = self._transition(state)
+                if new is not state:
+                    check_transition(state, new)
+                state = new
+            if isinstance(state, Failed):
+                error = state.error
+        finally:
+            self.group.shutdown()
+            self._request_resources(0)
+        latest = CheckpointManager(self.config.checkpoint.uri).latest()
+        return CoordinatorResult(
+            final_step=self.last_step, checkpoint=latest,
+            history=tuple(self.history[s] for s in sorted(self.history)),
+            events=tuple(self.timeline.events),
+            sample_ledger={s: tuple(v) for s, v in sorted(self.ledger.items())}, error=error)
+
+    def progress(self) -> tuple[list[StepMetrics], list[ScalingEvent]]:
+        """Steps and completed events since the previous call (for the driver's display)."""
+        with self._lock:
+            steps, events = self._progress, self._progress_events
+            self._progress, self._progress_events = [], []
+        return steps, events
+
+    # -- transitions ------------------------------------------------------------------------
+    def _transition(self, state: State) -> State:
+        handler = {Starting: self._starting, Running: self._running, Resizing: self._resizing,
+                   Recovering: self._recovering, Waiting: self._waiting}[type(state)]
+        return handler(state)
+
+    def _starting(self, state: Starting) -> State:
+        event = state.event
+        t0 = time.time()
+        size = state.target or self.scaling.start_size(self._observe_capacity(force=True))
+        # Resource views lag behind node deaths and freed bundles; try the size, and shrink
+        # to what the cluster then reports if it does not fit.
+        while size is not None:
+            try:
+                self.group.place(size, PLACEMENT_TIMEOUT_S)
+                break
+            except PlacementTimeout:
+                fits = self.scaling.start_size(self._observe_capacity(force=True))
+                size = None if fits is None else min(fits, size - 1)
+                if size is not None and size < self.scaling.min_workers:
+                    size = None
+        if size is None:
+            return Waiting(event, since_s=time.time())
+        event.phases["placement"] = time.time() - t0
+        try:
+            t1 = time.time()
+            self.group.start()
+            event.phases["actors"] = time.time() - t1
+        except ray.exceptions.RayError as exc:
+            self.group.shutdown()
+            return Recovering(Failure(FailureKind.WORKER_DIED, f"starting the group: {exc}"),
+                              ScalingEvent("failure", str(exc), from_workers=0))
+        event.to_workers = size
+        return Running(event, started_s=time.time())
+
+    def _running(self, state: Running) -> State:
+        poll = self.group.poll()
+        state = self._ingest(poll, state)
+        if poll.failure is not None:
+            return self._on_failure(poll.failure)
+        if poll.finished:
+            return Finished()
+        decision = self._scaling_decision()
+        if state.event is not None:
+            # Not trained at the new size yet: only a drain notice cannot wait.
+            if not (isinstance(decision, ResizeDecision) and decision.reason == "drain"):
+                time.sleep(POLL_INTERVAL_S)
+                return state
+            state.event.message += " (superseded by a drain before its first step)"
+            self.timeline.complete(state.event)
+        if isinstance(decision, ResizeDecision):
+            self.group.request_stop()
+            return Resizing(decision, ScalingEvent(
+                decision.reason, f"resize {self.group.size} -> {decision.num_workers}",
+                from_workers=self.group.size, at_step=self.last_step,
+                phases={"detect": time.time() - self._capacity[1]}))
+        time.sleep(POLL_INTERVAL_S)
+        return state
+
+    def _resizing(self, state: Resizing) -> State:
+        event = state.event
+        t0 = time.time()
+        deadline = self._drain_deadline()
+        poll = self.group.wait_stopped(
+            STOP_TIMEOUT_S if deadline is None else max(1.0, deadline - time.time()))
+        self._ingest(poll, Running(None, t0))
+        event.phases["drain"] = time.time() - t0
+        if poll.failure is not None:
+            return self._on_failure(poll.failure)
+        if not poll.finished:
+            return self._on_failure(Failure(FailureKind.PREEMPTED if deadline else
+                                            FailureKind.WORKER_DIED,
+                                            "ranks did not stop before the deadline"))
+        event.at_step = self.last_step
+        t1 = time.time()
+        self.group.shutdown()
+        event.phases["teardown"] = time.time() - t1
+        if self.last_step >= self.config.max_steps:
+            return Finished()
+        return Starting(event, target=state.decision.num_workers or None)
+
+    def _recovering(self, state: Recovering) -> State:
+        event = state.event
+        t0 = time.time()
+        self.group.shutdown()  # survivors die now, not after a collective timeout
+        event.phases["teardown"] = time.time() - t0
+        decision = self.failure_policy.decide(state.failure, self.failures)
+        if self.failure_policy.counts(state.failure):
+            self.failures += 1
+        if decision is FailureDecision.RAISE:
+            latest = CheckpointManager(self.config.checkpoint.uri).latest()
+            return Failed(
+                f"training failed: {state.failure.message} ({state.failure.kind.value}; "
+                f"{self.failures} failure(s), failure.max_failures="
+                f"{self.config.failure.max_failures}). Last committed checkpoint: "
+                f"{latest.uri if latest else 'none'}; fit() resumes from it when re-run.")
+        return Starting(event)
+
+    def _waiting(self, state: Waiting) -> State:
+        capacity = self._observe_capacity(force=True)
+        if self.scaling.start_size(capacity) is not None:
+            state.event.phases["wait_capacity"] = time.time() - state.since_s
+            return Starting(state.event)
+        timeout = self.config.scaling.capacity_timeout_s
+        if timeout is not None and time.time() - state.since_s > timeout:
+            latest = CheckpointManager(self.config.checkpoint.uri).latest()
+            return Failed(
+                f"only {capacity} worker(s) of {self.config.scaling.bundle} fit, fewer than "
+                f"scaling.min_workers={self.config.scaling.min_workers}, for "
+                f"{timeout:.0f}s (scaling.capacity_timeout_s). Add capacity or lower "
+                f"min_workers; the last committed checkpoint is "
+                f"{latest.uri if latest else 'none'}.")
+        time.sleep(CLUSTER_POLL_INTERVAL_S)
+        return state
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _on_failure(self, failure: Failure) -> State:
+        if failure.kind in (FailureKind.WORKER_DIED, FailureKind.NODE_DIED) and \
+                self._draining & set(self.group.node_ids):
+            failure = dataclasses.replace(failure, kind=FailureKind.PREEMPTED)
+        return Recovering(failure, ScalingEvent(
+            "failure", failure.message, from_workers=self.group.size, at_step=self.last_step,
+            phases={"detect": time.time() - self._last_healthy}))
+
+    def _ingest(self, poll: GroupPoll, state: Running) -> Running:
+        """Fold worker reports into history, the ledger and the pending event's phases."""
+        if poll.failure is None:
+            self._last_healthy = time.time()
+        event = state.event
+        for rank, report in enumerate(poll.reports):
+            for name, fields in report.events:
+                if name == "restore" and rank == 0:
+                    self._on_restore(int(fields["step"]))
+                if event is not None and rank == 0:
+                    key = {"restore": "load", "rendezvous": "rendezvous",
+                           "first_step": "first_step"}.get(name)
+                    if key:
+                        event.phases[key] = fields["seconds"]
+                    if name == "restore":
+                        event.phases["build"] = fields["build_seconds"]
+                    if name == "checkpoint" and event.kind != "start":
+                        event.phases["save"] = fields["seconds"]
+            for m in report.steps:
+                if self.record_samples:
+                    self.ledger.setdefault(m.step, []).extend(m.sample_ids)
+                if rank == 0:
+                    self.history[m.step] = m
+                    self.last_step = max(self.last_step, m.step)
+                    with self._lock:
+                        self._progress.append(m)
+        if event is not None and "first_step" in event.phases:
+            event.resumed_step = self.restored_step
+            self._resumed_s = time.time()
+            self.timeline.complete(event)
+            with self._lock:
+                self._progress_events.append(event)
+            return Running(None, state.started_s)
+        return state
+
+    def _on_restore(self, step: int) -> None:
+        """A new group resumed from ``step``: later steps re-run, so forget their records."""
+        self.restored_step = step
+        self.last_step = step
+        for s in [s for s in self.history if s > step]:
+            del self.history[s]
+        for s in [s for s in self.ledger if s > step]:
+            del self.ledger[s]
+
+    def _observe_capacity(self, force: bool = False) -> int:
+        now = time.time()
+        if force or now - self._last_cluster_poll >= CLUSTER_POLL_INTERVAL_S:
+            self._last_cluster_poll = now
+            snap = self.cluster.snapshot()
+            self._draining = snap.draining_ids
+            capacity = snap.capacity(self.config.scaling.bundle, self.group.bundles_per_node())
+            if capacity != self._capacity[0]:
+                self._capacity = (capacity, now)
+        return self._capacity[0]
+
+    def _scaling_decision(self):
+        capacity = self._observe_capacity()
+        obs = Observation(
+            now_s=time.time(), num_workers=self.group.size, capacity=capacity,
+            capacity_changed_s=self._capacity[1],
+            draining_workers=sum(n in self._draining for n in self.group.node_ids),
+            last_resize_s=self._resumed_s)
+        return self.scaling.decide(obs)
+
+    def _drain_deadline(self) -> float | None:
+        snap = self.cluster.snapshot()
+        deadlines = [n.drain_deadline_s for n in snap.nodes
+                     if n.node_id in set(self.group.node_ids) and n.drain_deadline_s]
+        return min(deadlines) if deadlines else None
+
+    def _request_resources(self, num_workers: int) -> None:
+        if not self.config.scaling.request_resources:
+            return
+        try:
+            from ray.autoscaler.sdk import request_resources  # noqa: PLC0415
+
+            request_resources(bundles=[dict(self.config.scaling.bundle)] * num_workers)
+        except Exception:  # no autoscaler on this cluster: nothing to ask
+            pass

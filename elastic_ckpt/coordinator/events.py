@@ -1,0 +1,65 @@
+"""The scaling timeline: one ``ScalingEvent`` per start, resize or recovery, with per-phase
+seconds and steps lost, appended to ``<run_dir>/events.jsonl`` as it completes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Literal
+
+EventKind = Literal["start", "scale_up", "drain", "scale_down", "failure"]
+PHASES = ("detect", "drain", "save", "teardown", "wait_capacity", "placement", "actors",
+          "rendezvous", "build", "load", "first_step")
+"""Phase names, in order: ``detect`` (event to decision; for crashes, last healthy poll to
+detection), ``drain`` (stop request until every rank stopped, ``save`` included), ``save``
+(the stop checkpoint), ``teardown`` (kill actors, free bundles), ``wait_capacity``,
+``placement`` (placement group ready), ``actors`` (worker actors up), ``rendezvous`` (process
+group), ``build`` (model construction + sharding), ``load`` (restore/re-shard on rank 0), ``first_step`` (the first step at the
+new size). ``total_s`` spans the event start to the coordinator seeing that first step."""
+
+
+@dataclasses.dataclass
+class ScalingEvent:
+    kind: EventKind
+    message: str
+    from_workers: int
+    started_unix_s: float = dataclasses.field(default_factory=time.time)
+    to_workers: int | None = None
+    at_step: int | None = None
+    """Last step completed when the event began."""
+    resumed_step: int | None = None
+    """Step the new group restored from (its checkpoint)."""
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    total_s: float | None = None
+
+    @property
+    def steps_lost(self) -> int | None:
+        """Steps that had completed but were not in the checkpoint resumed from."""
+        if self.at_step is None or self.resumed_step is None:
+            return None
+        return max(0, self.at_step - self.resumed_step)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["steps_lost"] = self.steps_lost
+        out["phases"] = {k: round(v, 4) for k, v in self.phases.items()}
+        return out
+
+
+class Timeline:
+    """Collects events; writes each as one JSON line when it completes (if ``path`` is set)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.events: list[ScalingEvent] = []
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def complete(self, event: ScalingEvent) -> None:
+        event.total_s = time.time() - event.started_unix_s
+        self.events.append(event)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(event.to_json()) + "\n")

@@ -1,0 +1,125 @@
+"""Pure policies: observations in, decisions out. They never call Ray or read the clock; the
+coordinator passes ``now_s`` in and carries the decisions out. Tested as tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """What the coordinator knows at one poll."""
+
+    now_s: float
+    num_workers: int
+    """Size of the running group (0 when none runs)."""
+    capacity: int
+    """Workers that fit on alive, non-draining nodes, counting the group's own resources."""
+    capacity_changed_s: float
+    """When ``capacity`` last changed (bursts of node events settle before a resize)."""
+    draining_workers: int = 0
+    """Workers of the running group on nodes that are draining (preemption notice)."""
+    last_resize_s: float | None = None
+    """When the group last started (None: never)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeDecision:
+    num_workers: int
+    reason: Literal["scale_up", "drain", "scale_down"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoopDecision:
+    pass
+
+
+ScalingDecision = ResizeDecision | NoopDecision
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingPolicy:
+    """Graceful resizes of a running group.
+
+    - A drain notice on a node that hosts workers resizes at once (the deadline is what matters)
+      to what fits on the other nodes, and never waits for the cooldown.
+    - More capacity scales up to ``min(capacity, max_workers)`` once capacity has been stable
+      for ``settle_s`` (so nodes joining in a burst cause one resize) and ``cooldown_s`` has
+      passed since the group started.
+    - Less capacity than the running group without a drain is left alone: the group holds its
+      own resources, and a crash is the failure policy's business.
+    """
+
+    min_workers: int
+    max_workers: int
+    cooldown_s: float = 5.0
+    settle_s: float = 1.0
+
+    def target(self, capacity: int) -> int:
+        return min(capacity, self.max_workers)
+
+    def decide(self, obs: Observation) -> ScalingDecision:
+        if obs.num_workers == 0:
+            return NoopDecision()
+        target = self.target(obs.capacity)
+        if obs.draining_workers:
+            return ResizeDecision(max(target, 0), "drain")
+        if target <= obs.num_workers:
+            return NoopDecision()
+        if obs.now_s - obs.capacity_changed_s < self.settle_s:
+            return NoopDecision()
+        if obs.last_resize_s is not None and obs.now_s - obs.last_resize_s < self.cooldown_s:
+            return NoopDecision()
+        return ResizeDecision(target, "scale_up")
+
+    def start_size(self, capacity: int) -> int | None:
+        """Group size to start with, or None when fewer than ``min_workers`` fit."""
+        target = self.target(capacity)
+        return target if target >= self.min_workers else None
+
+
+class FailureKind(enum.Enum):
+    WORKER_DIED = "worker_died"
+    """A worker process or actor died (OOM, segfault, killed)."""
+    NODE_DIED = "node_died"
+    """A node hosting workers disappeared without notice."""
+    PREEMPTED = "preempted"
+    """A node hosting workers was drained or preempted; not counted against max_failures."""
+    TRAINING_ERROR = "training_error"
+    """The training code raised an exception."""
+    FATAL = "fatal"
+    """An error retrying cannot fix (bad config, checkpoint that does not fit the model)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    kind: FailureKind
+    message: str
+    rank: int | None = None
+
+
+class FailureDecision(enum.Enum):
+    RETRY = "retry"
+    RAISE = "raise"
+
+
+@dataclasses.dataclass(frozen=True)
+class FailurePolicy:
+    """Retry crashes until ``max_failures`` of them (None: forever); preemptions never count;
+    fatal errors never retry."""
+
+    max_failures: int | None = 3
+
+    def counts(self, failure: Failure) -> bool:
+        return failure.kind is not FailureKind.PREEMPTED
+
+    def decide(self, failure: Failure, failures_so_far: int) -> FailureDecision:
+        """``failures_so_far`` counts earlier counted failures, not this one."""
+        if failure.kind is FailureKind.FATAL:
+            return FailureDecision.RAISE
+        if not self.counts(failure) or self.max_failures is None:
+            return FailureDecision.RETRY
+        return (FailureDecision.RETRY if failures_so_far + 1 <= self.max_failures
+                else FailureDecision.RAISE)

@@ -1,0 +1,170 @@
+"""``WorkerGroup``: N ``TrainWorker`` actors in one placement group, started, polled, stopped
+and killed as a unit. It carries decisions out; it makes none."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from elastic_ckpt.coordinator.policy import Failure, FailureKind
+from elastic_ckpt.coordinator.worker import TrainWorker, WorkerJob, WorkerReport
+from elastic_ckpt.errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
+from elastic_ckpt.train import RankResult, RankSpec
+
+_FATAL = (ConfigError, CheckpointMismatchError, CheckpointCorruptError)
+_PRIORITY = {FailureKind.FATAL: 0, FailureKind.PREEMPTED: 1, FailureKind.NODE_DIED: 2,
+             FailureKind.WORKER_DIED: 3, FailureKind.TRAINING_ERROR: 4}
+
+
+class PlacementTimeout(Exception):
+    """The placement group did not become ready in time (capacity vanished)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPoll:
+    """A frozen snapshot of the group at one poll."""
+
+    reports: tuple[WorkerReport, ...]
+    results: tuple[RankResult | None, ...]
+    failure: Failure | None
+
+    @property
+    def finished(self) -> bool:
+        return self.failure is None and all(r is not None for r in self.results)
+
+
+class WorkerGroup:
+    def __init__(self, job: WorkerJob, bundle: dict[str, float], strategy: str,
+                 use_gpu: bool) -> None:
+        self.job = job
+        self.bundle = bundle
+        self.strategy = strategy
+        self.use_gpu = use_gpu
+        self.actors: list[Any] = []
+        self.pg = None
+        self.run_refs: list[Any] = []
+        self.node_ids: list[str] = []
+        self._results: list[RankResult | None] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def bundles_per_node(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self.node_ids:
+            counts[node] = counts.get(node, 0) + 1
+        return counts
+
+    def place(self, num_workers: int, timeout_s: float) -> None:
+        """Reserve ``num_workers`` bundles; raises ``PlacementTimeout`` if they don't fit."""
+        self.pg = placement_group([dict(self.bundle)] * num_workers, strategy=self.strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(self.pg)
+            self.pg = None
+            raise PlacementTimeout(f"{num_workers} bundles of {self.bundle} did not fit within "
+                                   f"{timeout_s:.0f}s") from None
+
+    def start(self) -> None:
+        """Create one actor per bundle, rendezvous at rank 0's address, launch ``run``."""
+        cls = ray.remote(TrainWorker)
+        n = len(self.pg.bundle_specs)
+        cpus = self.bundle.get("CPU", 0)
+        custom = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU", "memory")}
+        self.actors = [
+            cls.options(
+                num_cpus=cpus, num_gpus=self.bundle.get("GPU", 0), resources=custom or None,
+                max_concurrency=4, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=i),
+            ).remote(self.job)
+            for i in range(n)
+        ]
+        self.node_ids = ray.get([a.node_id.remote() for a in self.actors])
+        addr, port = ray.get(self.actors[0].rendezvous_address.remote())
+        self._results = [None] * n
+        self.run_refs = [
+            actor.run.remote(RankSpec(rank=r, world_size=n, master_addr=addr, master_port=port,
+                                      use_gpu=self.use_gpu))
+            for r, actor in enumerate(self.actors)
+        ]
+
+    def poll(self, timeout_s: float = 5.0) -> GroupPoll:
+        """Collect finished ranks and reports without blocking on training."""
+        failures: list[Failure] = []
+        ready, _ = ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=0)
+        for ref in ready:
+            rank = self.run_refs.index(ref)
+            if self._results[rank] is not None:
+                continue
+            try:
+                self._results[rank] = ray.get(ref)
+            except RayError as exc:
+                failures.append(_classify(exc, rank))
+        refs = [a.poll.remote() for a in self.actors]
+        reports: list[WorkerReport] = []
+        for rank, ref in enumerate(refs):
+            try:
+                reports.append(ray.get(ref, timeout=timeout_s))
+            except RayActorError as exc:
+                failures.append(_classify(exc, rank))
+            except GetTimeoutError:
+                pass  # a busy actor answers next time
+        # A peer's death surfaces in the survivors as collective errors; report the death.
+        failure = min(failures, key=lambda f: _PRIORITY[f.kind]) if failures else None
+        return GroupPoll(reports=tuple(reports), results=tuple(self._results), failure=failure)
+
+    def request_stop(self) -> None:
+        for actor in self.actors:
+            actor.request_stop.remote()
+
+    def wait_stopped(self, timeout_s: float) -> GroupPoll:
+        """Wait until every rank returned (after a stop request) or one failed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            poll = self.poll()
+            if poll.failure or poll.finished or time.monotonic() > deadline:
+                return poll
+            ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=0.2)
+
+    def shutdown(self) -> None:
+        """Kill every actor at once (never wait on a collective) and free the bundles."""
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+        self.actors, self.run_refs, self.pg, self.node_ids = [], [], None, []
+
+
+def _classify(exc: BaseException, rank: int | None) -> Failure:
+    where = f"rank {rank}" if rank is not None else "a worker"
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause if hasattr(exc, "cause") else None
+        if isinstance(cause, _FATAL):
+            return Failure(FailureKind.FATAL, f"{where}: {cause}", rank)
+        if isinstance(cause, RayActorError):
+            return Failure(FailureKind.WORKER_DIED, f"{where}: {cause}", rank)
+        return Failure(FailureKind.TRAINING_ERROR, f"{where}: {exc}", rank)
+    if isinstance(exc, RayActorError):
+        text = str(exc)
+        preempted = getattr(exc, "preempted", False)
+        if preempted:
+            return Failure(FailureKind.PREEMPTED, f"{where} was preempted: {text}", rank)
+        node_died = "node" in text.lower() and ("died" in text.lower() or "dead" in text.lower())
+        kind = FailureKind.NODE_DIED if node_died else FailureKind.WORKER_DIED
+        return Failure(kind, f"{where} died: {text.splitlines()[0] if text else ''}", rank)
+    return Failure(FailureKind.WORKER_DIED, f"{where}: {exc}", rank)

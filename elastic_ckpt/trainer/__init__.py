@@ -1,0 +1,5 @@
+"""``ElasticTrainer`` and ``Result``: the user-facing entry point."""
+
+from elastic_ckpt.trainer.elastic_trainer import ElasticTrainer, Result, dataset_from_config
+
+__all__ = ["ElasticTrainer", "Result", "dataset_from_config"]
