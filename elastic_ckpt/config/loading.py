@@ -37,13 +37,27 @@ def validate_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-            lines.append(f"  {loc or '<root>'}: {err['msg']}")
-        first = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        fields = [_field_path(err["loc"], raw) for err in exc.errors()]
+        lines = [f"  {field or '<root>'}: {err['msg']}"
+                 for field, err in zip(fields, exc.errors())]
         raise ConfigError(f"{where}: invalid configuration:\n" + "\n".join(lines),
-                          file=where, field=first) from None
+                          file=where, field=fields[0]) from None
+
+
+def _field_path(loc: tuple, raw: Any) -> str:
+    """The dotted key a user writes (and can ``--set``): pydantic's ``loc`` without validator
+    names and without the tag a discriminated union inserts, which is not a key of the input
+    (``data.dataset.synthetic.seq_len`` -> ``data.dataset.seq_len``)."""
+    parts: list[str] = []
+    node = raw
+    for i, part in enumerate(loc):
+        if str(part).startswith("function-"):
+            continue
+        if isinstance(node, dict) and part not in node and i < len(loc) - 1:
+            continue
+        parts.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+    return ".".join(parts)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -1,0 +1,401 @@
+"""Step-loop overhead: ``RankTrainer`` vs a plain hand-written FSDP2 loop, same work.
+
+```
+python benchmarks/step_loop.py                          # defaults: 2 gloo ranks, ~0.15 s/step on 2 cores
+python benchmarks/step_loop.py --repeats 6 --steps 50   # tighter numbers
+python benchmarks/step_loop.py --mode sequential        # whole loops, order alternating
+python benchmarks/step_loop.py --d-model 256 --seq-len 128 --world-size 2 --mode separate
+```
+
+Both loops train the same GPT (``build_gpt``, same seed so the same initial weights) on the
+same data (``SyntheticLMDataset`` through ``ElasticSampler`` and ``collate_lm``) with the same
+global batch, micro-batch, world size, AdamW settings, LR schedule (``lr_at``) and gradient
+clipping (when the config has it):
+
+* elastic: ``RankTrainer(cfg, ...).run()`` with checkpoints off (``interval_steps=None``,
+  ``save_on_finish=False``, a temporary ``checkpoint.uri`` that stays empty).
+* plain: what a careful user writes by hand: ``fully_shard`` each block and the root, AdamW,
+  per micro-batch ``(loss * samples_in_micro * W / B).backward()`` (FSDP averages over ranks, so
+  this makes the gradient the mean over the global batch), ``clip_grad_norm_``,
+  ``optimizer.step()``, ``zero_grad(set_to_none=True)``, then one blocking ``all_reduce`` of the
+  summed loss and ``.item()`` to report it.
+
+Step time is measured the same way for both on rank 0: the wall time from the end of one step
+to the end of the next (for the elastic loop, up to the ``on_step`` hook call, so anything
+RankTrainer does between steps is counted). The first ``--warmup`` steps are excluded.
+``--mode`` decides how the loops share the machine, so that noise lands on both equally:
+
+* ``interleaved`` (default): one freshly spawned gloo group per repeat; RankTrainer runs, and
+  its ``on_step`` hook runs one plain step after every elastic step. An elastic step is timed
+  from the end of the previous hook to the start of the next (the plain step is not charged
+  to it), a plain step over its own ``step()`` call; step k of both loops then ran back to
+  back, and is also reported as a paired ratio. The fairest pairing when other work on the
+  machine comes and goes within seconds (a shared box).
+* ``sequential``: both whole loops one after the other in one group per repeat, the order
+  alternating between repeats.
+* ``separate``: each whole loop in its own spawned group, the order alternating.
+
+The run also checks that both loops produce the same loss sequence (rtol ``--rtol``), so the
+comparison is apples to apples, and exits non-zero when they do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_info, markdown_table, run_group  # noqa: E402
+
+LOOPS = ("elastic", "plain")
+MODES = {
+    "sequential": "both loops in one spawned group per repeat, order alternating",
+    "separate": "each loop in its own spawned group, order alternating",
+    "interleaved": "one group per repeat, a plain step after each elastic step",
+}
+
+
+# -- config -------------------------------------------------------------------------------------
+def _config(o: argparse.Namespace, uri: str):
+    from elastic_ckpt.config import TrainConfig
+
+    return TrainConfig(
+        max_steps=o.warmup + o.steps,
+        seed=o.seed,
+        checkpoint={"uri": uri, "interval_steps": None, "save_on_finish": False},
+        data={"global_batch_size": o.global_batch, "micro_batch_size": o.micro_batch,
+              "seed": o.seed,
+              "dataset": {"num_samples": o.num_samples, "seq_len": o.seq_len,
+                          "vocab_size": o.vocab}},
+        model={"vocab_size": o.vocab, "d_model": o.d_model, "n_layers": o.layers,
+               "n_heads": o.heads, "max_seq_len": o.seq_len},
+        optim={"grad_clip_norm": o.grad_clip},
+    )
+
+
+def _dataset(cfg):
+    from elastic_ckpt.data import SyntheticLMDataset
+
+    ds = cfg.data.dataset
+    return SyntheticLMDataset(ds.num_samples, ds.seq_len, ds.vocab_size, seed=cfg.data.seed)
+
+
+# -- the two loops (run on every rank) ----------------------------------------------------------
+class PlainLoop:
+    """The hand-written FSDP2 loop, one ``step()`` at a time (so it can also be interleaved)."""
+
+    def __init__(self, rank: int, world_size: int, cfg) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from elastic_ckpt.data import ElasticSampler
+        from elastic_ckpt.train import build_gpt
+
+        self.rank, self.world_size, self.cfg = rank, world_size, cfg
+        torch.manual_seed(cfg.seed)  # same initial weights as RankTrainer
+        model = build_gpt(cfg.model)
+        mesh = init_device_mesh("cpu", (world_size,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        o = cfg.optim
+        self.model = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas,
+                                           weight_decay=o.weight_decay)
+        self.dataset = _dataset(cfg)
+        d = cfg.data
+        self.sampler = ElasticSampler(len(self.dataset), d.global_batch_size, d.seed, d.shuffle)
+        # Every rank must run the same number of forward/backward passes (each all-gathers).
+        self.n_passes = math.ceil(math.ceil(d.global_batch_size / world_size)
+                                  / d.micro_batch_size)
+
+    def step(self, step: int) -> float:
+        from elastic_ckpt.data import collate_lm
+        from elastic_ckpt.train import lm_loss, lr_at
+
+        cfg, o, d = self.cfg, self.cfg.optim, self.cfg.data
+        B, W = d.global_batch_size, self.world_size
+        lr = lr_at(step, o, cfg.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = self.sampler.micro_batches(step, self.rank, W, d.micro_batch_size)
+        loss_sum = torch.zeros(())
+        for i in range(self.n_passes):
+            if i < len(micro):
+                ids, n = micro[i], len(micro[i])
+            else:  # a rank with a smaller share: a zero-weight pass keeps collectives matched
+                ids, n = self.sampler.global_batch(step)[:1], 0
+            batch = collate_lm([self.dataset[int(j)] for j in ids])
+            loss = lm_loss(self.model, batch)
+            (loss * (n * W / B)).backward()  # FSDP averages over ranks: mean over global batch
+            loss_sum += loss.detach() * n
+        if o.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum)
+        return loss_sum.item() / B
+
+
+class _Record:
+    """One loop's steps on this rank: wall and process-CPU clock at each step's start and end
+    (a step starts where the previous one ended), loss, and RankTrainer's own step time."""
+
+    def __init__(self) -> None:
+        self.wall: list[tuple[float, float]] = []
+        self.cpu: list[tuple[float, float]] = []
+        self.loss: list[float] = []
+        self.inner: list[float] = []
+        self.last = (math.nan, math.nan)
+
+    def mark(self, loss: float, begin: tuple[float, float] | None = None,
+             inner: float = math.nan) -> None:
+        """Close a step now; it began at ``begin`` (default: where the previous one ended)."""
+        now = _clock()
+        begin = self.last if begin is None else begin
+        self.wall.append((begin[0], now[0]))
+        self.cpu.append((begin[1], now[1]))
+        self.loss.append(loss)
+        self.inner.append(inner)
+        self.last = now
+
+    def result(self) -> dict[str, list]:
+        return {"wall": self.wall, "cpu": self.cpu, "loss": self.loss, "inner": self.inner}
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _elastic_trainer(cfg, on_step):
+    import functools
+
+    from elastic_ckpt.train import RankHooks, RankTrainer, build_gpt, lm_loss
+
+    return RankTrainer(cfg, functools.partial(build_gpt, cfg.model), _dataset(cfg), lm_loss,
+                       hooks=RankHooks(on_step=on_step))
+
+
+def _run_elastic(rank: int, world_size: int, cfg) -> dict[str, list]:
+    rec = _Record()
+    dist.barrier()
+    _elastic_trainer(cfg, lambda m: rec.mark(m.loss, inner=m.step_time_s)).run()
+    return rec.result()
+
+
+def _run_plain(rank: int, world_size: int, cfg) -> dict[str, list]:
+    rec = _Record()
+    dist.barrier()
+    loop = PlainLoop(rank, world_size, cfg)
+    for step in range(cfg.max_steps):
+        rec.mark(loop.step(step))
+    return rec.result()
+
+
+def _run_interleaved(rank: int, world_size: int, cfg) -> dict[str, dict[str, list]]:
+    """One plain step right after each elastic step, inside RankTrainer's ``on_step`` hook.
+    Elastic step k is timed from the end of plain step k-1 to the start of hook k (everything
+    RankTrainer does in between), the plain step over its own ``step()`` call."""
+    e, p = _Record(), _Record()
+    plain = PlainLoop(rank, world_size, cfg)
+
+    def on_step(m) -> None:
+        e.mark(m.loss, begin=p.last, inner=m.step_time_s)
+        begin = _clock()
+        loss = plain.step(m.step - 1)
+        p.mark(loss, begin=begin)
+
+    dist.barrier()
+    _elastic_trainer(cfg, on_step).run()
+    return {"elastic": e.result(), "plain": p.result()}
+
+
+def _group(rank: int, world_size: int, opts: argparse.Namespace, uri: str,
+           order: list[str]) -> dict[str, Any] | None:
+    import gc
+
+    cfg = _config(opts, uri)
+    out: dict[str, Any] = {}
+    if order == ["interleaved"]:
+        out.update(_run_interleaved(rank, world_size, cfg))
+    else:
+        for name in order:
+            gc.collect()
+            out[name] = (_run_elastic if name == "elastic" else _run_plain)(rank, world_size,
+                                                                             cfg)
+    dist.barrier()
+    return out if rank == 0 else None
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def _intervals(rec: dict[str, list], warmup: int, clock: str = "wall") -> list[float]:
+    return [e - b for b, e in rec[clock][warmup:]]
+
+
+def _max_rel(a: list[float], b: list[float]) -> float:
+    if len(a) != len(b):
+        return math.inf
+    return max((abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a, b)), default=0.0)
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--num-samples", type=int, default=4096)
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="grad_clip_norm in the config (<= 0: no clipping)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per loop and repeat")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (>= 1)")
+    p.add_argument("--repeats", type=int, default=4,
+                   help="spawned groups (pairs of groups with --mode separate); the loop "
+                        "order alternates between them")
+    p.add_argument("--mode", choices=MODES, default="interleaved",
+                   help="sequential: both loops one after the other in one group per repeat; "
+                        "separate: each loop in its own group; interleaved: one plain step "
+                        "after each elastic step in one group (fairest on a noisy machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: cores // world size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rtol", type=float, default=1e-4)
+    o = p.parse_args(argv)
+    if o.warmup < 1 or o.steps < 1 or o.repeats < 1:
+        p.error("--warmup, --steps and --repeats must be >= 1")
+    o.grad_clip = o.grad_clip if o.grad_clip > 0 else None
+
+    mi = machine_info()
+    threads = o.threads or max(1, (os.cpu_count() or 1) // o.world_size)
+    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    tokens_per_step = o.global_batch * o.seq_len
+    params = math.nan
+    try:
+        from elastic_ckpt.train import build_gpt
+
+        params = build_gpt(_config(o, "/nonexistent").model).num_params()
+    except Exception:  # noqa: BLE001 -- informational only
+        pass
+    print(f"command: {cmd}")
+    print(f"machine: {mi['cores']} cores ({mi['cpu']}), {mi['ram']} RAM, torch {mi['torch']}, "
+          f"python {mi['python']}; load avg at start {_loadavg()}")
+    print(f"setup: {o.world_size} gloo ranks x {threads} thread(s), GPT d_model={o.d_model} "
+          f"layers={o.layers} heads={o.heads} vocab={o.vocab} seq={o.seq_len} "
+          f"({params / 1e6:.2f} M params), global batch {o.global_batch}, micro-batch "
+          f"{o.micro_batch}, grad clip {o.grad_clip}; {o.warmup} warm-up + {o.steps} timed "
+          f"steps x {o.repeats} repeats, mode {o.mode} ({MODES[o.mode]})")
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if busy > 0.5 * (os.cpu_count() or 1):
+        print(f"note: the machine is busy (1-min load {busy:.1f} on {os.cpu_count()} cores); "
+              "step times are noisy, the paired and CPU-time numbers are the steadier ones")
+
+    runs: list[dict[str, Any]] = []
+    for r in range(o.repeats):
+        order = list(LOOPS) if r % 2 == 0 else list(reversed(LOOPS))
+        if o.mode == "interleaved":
+            order = ["interleaved"]
+        uri = tempfile.mkdtemp(prefix="step_loop_ckpt_")
+        try:
+            t0 = time.perf_counter()
+            if o.mode == "separate":
+                res: dict[str, Any] = {}
+                for name in order:
+                    res.update(run_group(o.world_size, _group, o, uri, [name],
+                                         threads_per_rank=threads)[0])
+            else:
+                res = run_group(o.world_size, _group, o, uri, order,
+                                threads_per_rank=threads)[0]
+            leftover = os.listdir(uri)
+        finally:
+            shutil.rmtree(uri, ignore_errors=True)
+        if leftover:
+            print(f"warning: the elastic loop wrote {leftover} to its checkpoint uri")
+        runs.append(res)
+        iv = {n: statistics.median(_intervals(res[n], o.warmup)) for n in LOOPS}
+        label = "elastic, plain, elastic, ... step by step" if o.mode == "interleaved" \
+            else " then ".join(order)
+        print(f"  repeat {r + 1}/{o.repeats} ({label}, "
+              f"{time.perf_counter() - t0:.1f} s): median step "
+              + ", ".join(f"{n} {iv[n] * 1e3:.1f} ms" for n in LOOPS), flush=True)
+
+    # Loss sequences: elastic vs plain in every repeat, and every repeat vs the first.
+    ref = runs[0]["plain"]["loss"]
+    worst_pair = max(_max_rel(run["elastic"]["loss"], run["plain"]["loss"]) for run in runs)
+    worst_repeat = max(_max_rel(run[n]["loss"], ref) for run in runs for n in LOOPS)
+    same = worst_pair <= o.rtol and worst_repeat <= o.rtol
+
+    # Throughput from pooled step intervals over all repeats.
+    pooled = {n: [x for run in runs for x in _intervals(run[n], o.warmup)] for n in LOOPS}
+    stats = {}
+    for n in LOOPS:
+        xs = pooled[n]
+        mean, med = statistics.fmean(xs), statistics.median(xs)
+        stats[n] = {"mean": mean, "median": med, "p90": sorted(xs)[int(0.9 * (len(xs) - 1))],
+                    "sps": 1.0 / mean}
+    rows = []
+    for n in LOOPS:
+        s = stats[n]
+        rows.append([n, f"{s['median'] * 1e3:.1f}", f"{s['mean'] * 1e3:.1f}",
+                     f"{s['p90'] * 1e3:.1f}", f"{s['sps']:.2f}",
+                     f"{s['sps'] * o.global_batch:.1f}", f"{s['sps'] * tokens_per_step:,.0f}"])
+    print()
+    print(markdown_table(["loop", "median step ms", "mean step ms", "p90 step ms", "steps/s",
+                          "samples/s", "tokens/s"], rows))
+    ratio_mean = stats["elastic"]["sps"] / stats["plain"]["sps"]
+    ratio_median = stats["plain"]["median"] / stats["elastic"]["median"]
+    per_repeat = [statistics.fmean(_intervals(run["plain"], o.warmup))
+                  / statistics.fmean(_intervals(run["elastic"], o.warmup)) for run in runs]
+    verdict = "meets" if ratio_mean >= 0.97 else "MISSES"
+    print()
+    print(f"throughput ratio elastic/plain: {ratio_mean:.3f} (from mean step time; "
+          f"{verdict} the >= 0.97 goal), {ratio_median:.3f} from median step time; "
+          f"per repeat: {', '.join(f'{x:.3f}' for x in per_repeat)}")
+    if o.mode == "interleaved":  # step k of both loops ran back to back: pair them
+        paired = [p / e for run in runs for e, p in zip(_intervals(run["elastic"], o.warmup),
+                                                        _intervals(run["plain"], o.warmup))]
+        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+        print(f"paired per-step ratio plain/elastic time: median {q[1]:.3f} "
+              f"(quartiles {q[0]:.3f} .. {q[2]:.3f}, {len(paired)} pairs)")
+    inner = [x for run in runs for x in run["elastic"]["inner"][o.warmup:]]
+    if inner and not any(math.isnan(x) for x in inner):
+        outside = stats["elastic"]["mean"] - statistics.fmean(inner)
+        print(f"elastic: RankTrainer's own step_time_s mean {statistics.fmean(inner) * 1e3:.1f} "
+              f"ms; outside that window (run() bookkeeping, _train_step frame teardown, hook "
+              f"call) {outside * 1e3:+.2f} ms/step")
+    cpu = {n: statistics.fmean(x for run in runs for x in _intervals(run[n], o.warmup, "cpu"))
+           for n in LOOPS}
+    print(f"process CPU time per step on rank 0 (less sensitive to other load): elastic "
+          f"{cpu['elastic'] * 1e3:.1f} ms, plain {cpu['plain'] * 1e3:.1f} ms, "
+          f"plain/elastic {cpu['plain'] / cpu['elastic']:.3f}")
+    print(f"loss sequences ({o.warmup + o.steps} steps, all repeats): "
+          + ("the same" if same else "DIFFERENT")
+          + f" within rtol {o.rtol:g} (max rel diff elastic vs plain {worst_pair:.2e}, across "
+          f"repeats {worst_repeat:.2e}); first/last loss {ref[0]:.4f} / {ref[-1]:.4f}")
+    print(f"load avg at end {_loadavg()}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""``TrainConfig``: validated once, frozen, unknown fields refused, errors naming the field;
+YAML + ``--set`` loading; and a resume that would change the sample order is refused."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from dist_utils import run_ranks
+from elastic_ckpt.config import (
+    DataConfig,
+    ModelConfig,
+    ParquetDatasetConfig,
+    ScalingConfig,
+    SyntheticDatasetConfig,
+    TrainConfig,
+    dump_config,
+    load_config,
+    validate_config,
+)
+from elastic_ckpt.errors import ConfigError
+from train_jobs import restore_errors, smallest_config
+
+
+def _write(tmp_path, text: str, name: str = "job.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _sections(model: type[BaseModel]):
+    yield model
+    for field in model.model_fields.values():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _sections(ann)
+
+
+# -- the models -----------------------------------------------------------------------------------
+def test_defaults_are_valid_and_loading_nothing_gives_them():
+    cfg = TrainConfig()
+    assert cfg.data.micro_batch_size <= cfg.data.global_batch_size
+    assert cfg.model.vocab_size == cfg.data.dataset.vocab_size
+    assert load_config() == cfg
+
+
+def test_every_field_has_a_docstring():
+    models = [*_sections(TrainConfig), SyntheticDatasetConfig, ParquetDatasetConfig]
+    missing = [f"{m.__name__}.{name}" for m in models
+               for name, field in m.model_fields.items() if not field.description]
+    assert not missing
+
+
+def test_nested_sections_accept_plain_dicts():
+    cfg = TrainConfig(data={"global_batch_size": 64, "micro_batch_size": 4,
+                            "dataset": {"num_samples": 10, "seq_len": 8}},
+                      scaling={"min_workers": 2, "max_workers": 4})
+    assert isinstance(cfg.data, DataConfig) and isinstance(cfg.scaling, ScalingConfig)
+    assert cfg.data.global_batch_size == 64 and cfg.scaling.max_workers == 4
+    # ``kind`` may be omitted for the synthetic dataset; parquet is chosen by kind.
+    assert isinstance(cfg.data.dataset, SyntheticDatasetConfig)
+    pq = TrainConfig(data={"dataset": {"kind": "parquet", "uri": "s3://b/tokens"}})
+    assert isinstance(pq.data.dataset, ParquetDatasetConfig)
+    assert pq.data.dataset.uri == "s3://b/tokens"
+
+
+@pytest.mark.parametrize("raw,field", [
+    ({"max_step": 3}, "max_step"),
+    ({"data": {"shuffel": False}}, "data.shuffel"),
+    ({"optim": {"lr": 1e-3, "momentum": 0.9}}, "optim.momentum"),
+    ({"checkpoint": {"uri": "/x", "keep": 2}}, "checkpoint.keep"),
+])
+def test_unknown_fields_are_refused_naming_the_field(raw, field):
+    with pytest.raises(ValidationError) as info:
+        TrainConfig(**raw)
+    assert field in str(info.value) and "Extra inputs are not permitted" in str(info.value)
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw, "job.yaml")
+    assert err.value.field == field and field in str(err.value)
+
+
+def test_frozen():
+    cfg = TrainConfig()
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.max_steps = 5
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.data.global_batch_size = 5
+    changed = cfg.model_copy(update={"max_steps": 5})  # the way to derive a variant
+    assert changed.max_steps == 5 and cfg.max_steps == 200
+
+
+@pytest.mark.parametrize("raw,words", [
+    ({"data": {"global_batch_size": 4, "micro_batch_size": 8}},
+     ["data.micro_batch_size (8)", "data.global_batch_size (4)"]),
+    ({"scaling": {"min_workers": 3, "max_workers": 2}}, ["min_workers (3)", "max_workers (2)"]),
+    ({"model": {"d_model": 30, "n_heads": 4}}, ["n_heads (4)", "d_model (30)"]),
+    ({"model": {"vocab_size": 100}}, ["data.dataset.vocab_size (256)", "model.vocab_size (100)"]),
+    ({"data": {"dataset": {"seq_len": 128}}}, ["data.dataset.seq_len (128)", "max_seq_len (64)"]),
+    ({"mixed_precision": "bf16"}, ["mixed_precision", "use_gpu"]),
+    ({"max_steps": 10, "optim": {"warmup_steps": 10}}, ["optim.warmup_steps (10)", "max_steps"]),
+    ({"scaling": {"resources_per_worker": {"CPU": -1}}}, ["resources_per_worker"]),
+])
+def test_cross_field_rules(raw, words):
+    with pytest.raises(ValidationError) as info:
+        TrainConfig(**raw)
+    for word in words:
+        assert word in str(info.value)
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw, "job.yaml")
+    assert all(word in str(err.value) for word in words)
+
+
+def test_cross_field_rules_accept_the_boundary():
+    TrainConfig(data={"global_batch_size": 8, "micro_batch_size": 8})
+    TrainConfig(scaling={"min_workers": 2, "max_workers": 2})
+    TrainConfig(mixed_precision="bf16", scaling={"use_gpu": True})
+    TrainConfig(model={"vocab_size": 100}, data={"dataset": {"vocab_size": 100}})
+    TrainConfig(max_steps=10, optim={"warmup_steps": 9})
+    assert ScalingConfig(use_gpu=True).bundle == {"CPU": 1.0, "GPU": 1.0}
+    assert ModelConfig(d_model=30, n_heads=5).n_heads == 5
+
+
+@pytest.mark.parametrize("raw,field", [
+    ({"max_steps": 0}, "max_steps"),
+    ({"optim": {"schedule": "step"}}, "optim.schedule"),
+    ({"checkpoint": {"interval_steps": -1}}, "checkpoint.interval_steps"),
+    ({"mixed_precision": "fp8"}, "mixed_precision"),
+    ({"data": {"seed": -1}}, "data.seed"),
+    ({"optim": {"betas": [0.9, "x"]}}, "optim.betas.1"),
+    # Not the union tag pydantic puts in its loc (data.dataset.synthetic.seq_len): the key the
+    # user wrote, which ``--set`` accepts.
+    ({"data": {"dataset": {"seq_len": 0}}}, "data.dataset.seq_len"),
+    ({"data": {"dataset": {"kind": "parquet"}}}, "data.dataset.uri"),
+    ({"data": {"dataset": {"kind": "parquet", "uri": "x", "colum": "t"}}}, "data.dataset.colum"),
+    ({"data": {"dataset": {"kind": "csv"}}}, "data.dataset"),
+])
+def test_bad_values_name_the_field(raw, field):
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw, "job.yaml")
+    assert err.value.field == field and field in str(err.value)
+
+
+# -- loading ------------------------------------------------------------------------------------
+JOB = """\
+max_steps: 40
+data:
+  global_batch_size: 24
+  micro_batch_size: 6
+optim:
+  lr: 0.001
+  schedule: linear
+checkpoint:
+  uri: s3://bucket/run
+"""
+
+
+def test_load_yaml_with_overrides(tmp_path):
+    path = _write(tmp_path, JOB)
+    cfg = load_config(path)
+    assert (cfg.max_steps, cfg.data.global_batch_size, cfg.optim.schedule) == (40, 24, "linear")
+    assert cfg.checkpoint.uri == "s3://bucket/run" and cfg.optim.warmup_steps == 0  # default
+    cfg = load_config(path, ["data.global_batch_size=48", "optim.schedule=cosine",
+                             "checkpoint.interval_steps=null", "scaling.max_workers=8",
+                             "scaling.resources_per_worker={CPU: 2, memory: 1e9}",
+                             "run_dir=/tmp/r1"])
+    assert cfg.data.global_batch_size == 48 and cfg.data.micro_batch_size == 6  # merged
+    assert cfg.optim.schedule == "cosine" and cfg.optim.lr == 0.001
+    assert cfg.checkpoint.interval_steps is None and cfg.checkpoint.uri == "s3://bucket/run"
+    assert cfg.scaling.max_workers == 8
+    assert cfg.scaling.resources_per_worker == {"CPU": 2.0, "memory": 1e9}
+    assert cfg.run_dir == "/tmp/r1"
+    # Without a file, overrides apply to the defaults.
+    assert load_config(None, ["max_steps=7"]) == TrainConfig(max_steps=7)
+
+
+def test_dump_then_load_round_trips(tmp_path):
+    cfg = load_config(_write(tmp_path, JOB), ["data.dataset.seq_len=32"])
+    assert load_config(_write(tmp_path, dump_config(cfg), "dumped.yaml")) == cfg
+
+
+def test_bad_yaml_file_names_the_file_and_the_field(tmp_path):
+    path = _write(tmp_path, JOB.replace("lr: 0.001", "lr: -1"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.file == path and err.value.field == "optim.lr"
+    assert path in str(err.value) and "optim.lr" in str(err.value)
+    # The same for a value that only an override makes bad, and for unknown keys.
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, JOB, "ok.yaml"), ["data.micro_batch_size=100"])
+    assert "ok.yaml" in str(err.value) and "data.micro_batch_size (100)" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, JOB + "optimizer: {lr: 1}\n", "typo.yaml"))
+    assert err.value.field == "optimizer" and "typo.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("text,words", [
+    ("data: [unclosed\n", ["not valid YAML"]),
+    ("- a\n- b\n", ["top level must be a mapping", "list"]),
+])
+def test_unreadable_yaml_names_the_file(tmp_path, text, words):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.file == path and path in str(err.value)
+    assert all(word in str(err.value) for word in words)
+
+
+def test_missing_file_names_it(tmp_path):
+    path = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="cannot read config file") as err:
+        load_config(path)
+    assert err.value.file == path
+
+
+@pytest.mark.parametrize("item,field", [
+    ("data.global_batch_size", "data.global_batch_size"),  # no '='
+    ("=3", "=3"),
+    ("max_steps.x=1", "max_steps.x"),  # max_steps is a value, not a section
+])
+def test_bad_overrides(tmp_path, item, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, JOB), [item])
+    assert err.value.field == field
+
+
+def test_config_error_survives_pickling():
+    with pytest.raises(ConfigError) as err:
+        validate_config({"optim": {"lr": 0}}, "job.yaml")
+    again = pickle.loads(pickle.dumps(err.value))
+    assert type(again) is ConfigError and isinstance(again, ValueError)
+    assert (again.file, again.field, str(again)) == ("job.yaml", "optim.lr", str(err.value))
+
+
+# -- a resume must not change the sample order ----------------------------------------------------
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_restore_with_changed_data_settings_is_refused(tmp_path):
+    uri = str(tmp_path / "ckpt")
+    original = smallest_config(uri, max_steps=3)
+    changed = [
+        smallest_config(uri, max_steps=5, global_batch_size=5),
+        smallest_config(uri, max_steps=5, data_seed=1),
+        smallest_config(uri, max_steps=5, num_samples=21),
+        # Last, as it succeeds and checkpoints: settings that keep the order may change.
+        smallest_config(uri, max_steps=5, micro_batch_size=1),
+    ]
+    out = run_ranks(1, restore_errors, original, changed, timeout_s=100)[0]
+    assert out["first"]["final_step"] == 3 and out["first"]["checkpoint_step"] == 3
+    *refused, allowed = out["outcomes"]
+    for outcome, what in zip(refused, ["'global_batch_size': 5", "'seed': 1",
+                                       "'num_samples': 21"]):
+        assert outcome["error"] == "ConfigError" and outcome["field"] == "data", outcome
+        assert "sample order" in outcome["message"] and what in outcome["message"]
+    assert allowed == {"error": None, "restored_step": 3}
