@@ -7,6 +7,7 @@ never pass through it: ranks exchange state through checkpoints only.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import threading
@@ -66,13 +67,14 @@ class Coordinator:
         self.scaling = ScalingPolicy(s.min_workers, s.max_workers, cooldown_s=s.cooldown_s)
         self.failure_policy = FailurePolicy(config.failure.max_failures)
         self.cluster = cluster or ClusterView()
-        self.group = WorkerGroup(job, s.bundle, s.placement_strategy, s.use_gpu)
+        self.group = WorkerGroup(job, s.bundle, s.placement_strategy, s.use_gpu,
+                                 sink=_current_actor())
         self.timeline = Timeline(os.path.join(config.run_dir, "events.jsonl")
                                  if config.run_dir else None)
         self.record_samples = record_samples
         self.failures = 0
         self.history: dict[int, StepMetrics] = {}
-        self.ledger: dict[int, list[int]] = {}
+        self.ledger: dict[int, dict[int, tuple[int, ...]]] = {}  # step -> rank -> sample ids
         self.last_step = 0
         self.restored_step: int | None = None
         self._capacity = (0, time.time())  # (value, when it last changed)
@@ -81,6 +83,9 @@ class Coordinator:
         self._lock = threading.Lock()
         self._progress: list[StepMetrics] = []
         self._progress_events: list[ScalingEvent] = []
+        self._inbox: collections.deque[tuple[int, int, int, str, Any]] = collections.deque()
+        self._pending: dict[tuple[int, int], tuple[str, Any]] = {}  # (rank, seq) -> report
+        self._next_seq: dict[int, int] = {}
         self._last_healthy = time.time()
         self._resumed_s: float | None = None  # when the current group made its first step
 
@@ -105,7 +110,12 @@ class Coordinator:
             final_step=self.last_step, checkpoint=latest,
             history=tuple(self.history[s] for s in sorted(self.history)),
             events=tuple(self.timeline.events),
-            sample_ledger={s: tuple(v) for s, v in sorted(self.ledger.items())}, error=error)
+            sample_ledger={s: tuple(i for r in sorted(v) for i in v[r])
+                           for s, v in sorted(self.ledger.items())}, error=error)
+
+    def report(self, generation: int, rank: int, seq: int, kind: str, payload: Any) -> None:
+        """Called by the ranks (fire-and-forget) after every step and event."""
+        self._inbox.append((generation, rank, seq, kind, payload))
 
     def progress(self) -> tuple[list[StepMetrics], list[ScalingEvent]]:
         """Steps and completed events since the previous call (for the driver's display)."""
@@ -138,6 +148,8 @@ class Coordinator:
         if size is None:
             return Waiting(event, since_s=time.time())
         event.phases["placement"] = time.time() - t0
+        self._pending.clear()
+        self._next_seq.clear()
         try:
             t1 = time.time()
             self.group.start()
@@ -179,7 +191,7 @@ class Coordinator:
         deadline = self._drain_deadline()
         poll = self.group.wait_stopped(
             STOP_TIMEOUT_S if deadline is None else max(1.0, deadline - time.time()))
-        self._ingest(poll, Running(None, t0))
+        self._ingest(poll, Running(event, t0))  # the ranks' stop checkpoint -> "save"
         event.phases["drain"] = time.time() - t0
         if poll.failure is not None:
             return self._on_failure(poll.failure)
@@ -239,31 +251,16 @@ class Coordinator:
             phases={"detect": time.time() - self._last_healthy}))
 
     def _ingest(self, poll: GroupPoll, state: Running) -> Running:
-        """Fold worker reports into history, the ledger and the pending event's phases."""
+        """Fold the ranks' reports into history, the ledger and the pending event's phases.
+        Reports of earlier groups (still in flight when their group was killed) are dropped."""
         if poll.failure is None:
             self._last_healthy = time.time()
         event = state.event
-        for rank, report in enumerate(poll.reports):
-            for name, fields in report.events:
-                if name == "restore" and rank == 0:
-                    self._on_restore(int(fields["step"]))
-                if event is not None and rank == 0:
-                    key = {"restore": "load", "rendezvous": "rendezvous",
-                           "first_step": "first_step"}.get(name)
-                    if key:
-                        event.phases[key] = fields["seconds"]
-                    if name == "restore":
-                        event.phases["build"] = fields["build_seconds"]
-                    if name == "checkpoint" and event.kind != "start":
-                        event.phases["save"] = fields["seconds"]
-            for m in report.steps:
-                if self.record_samples:
-                    self.ledger.setdefault(m.step, []).extend(m.sample_ids)
-                if rank == 0:
-                    self.history[m.step] = m
-                    self.last_step = max(self.last_step, m.step)
-                    with self._lock:
-                        self._progress.append(m)
+        for rank, kind, payload in self._in_order():
+            if kind == "event":
+                self._on_rank_event(rank, *payload, event)
+            elif kind == "step":
+                self._on_step(rank, payload)
         if event is not None and "first_step" in event.phases:
             event.resumed_step = self.restored_step
             self._resumed_s = time.time()
@@ -272,6 +269,46 @@ class Coordinator:
                 self._progress_events.append(event)
             return Running(None, state.started_s)
         return state
+
+    def _in_order(self) -> list[tuple[int, str, Any]]:
+        """Reports of the current group, each rank's in the order it sent them; a report
+        whose predecessor has not arrived yet waits for the next poll."""
+        while self._inbox:
+            generation, rank, seq, kind, payload = self._inbox.popleft()
+            if generation == self.group.generation:
+                self._pending[(rank, seq)] = (kind, payload)
+        ready = []
+        for rank in sorted({r for r, _ in self._pending}):
+            seq = self._next_seq.get(rank, 0)
+            while (rank, seq) in self._pending:
+                ready.append((rank, *self._pending.pop((rank, seq))))
+                seq += 1
+            self._next_seq[rank] = seq
+        return ready
+
+    def _on_rank_event(self, rank: int, name: str, fields: dict, event) -> None:
+        if rank != 0:
+            return
+        if name == "restore":
+            self._on_restore(int(fields["step"]))
+        if event is None:
+            return
+        key = {"restore": "load", "rendezvous": "rendezvous", "first_step": "first_step"}
+        if name in key:
+            event.phases[key[name]] = fields["seconds"]
+        if name == "restore":
+            event.phases["build"] = fields["build_seconds"]
+        if name == "checkpoint" and event.kind != "start":
+            event.phases["save"] = fields["seconds"]
+
+    def _on_step(self, rank: int, m: StepMetrics) -> None:
+        if self.record_samples:
+            self.ledger.setdefault(m.step, {})[rank] = m.sample_ids
+        if rank == 0:
+            self.history[m.step] = m
+            self.last_step = max(self.last_step, m.step)
+            with self._lock:
+                self._progress.append(m)
 
     def _on_restore(self, step: int) -> None:
         """A new group resumed from ``step``: later steps re-run, so forget their records."""
@@ -317,3 +354,11 @@ class Coordinator:
             request_resources(bundles=[dict(self.config.scaling.bundle)] * num_workers)
         except Exception:  # no autoscaler on this cluster: nothing to ask
             pass
+
+
+def _current_actor() -> Any:
+    """This process's actor handle when running as the coordinator actor (else None)."""
+    try:
+        return ray.get_runtime_context().current_actor
+    except Exception:  # not inside an actor (unit tests drive the class directly)
+        return None

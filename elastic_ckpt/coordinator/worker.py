@@ -1,13 +1,13 @@
 """``TrainWorker``: the Ray actor that runs one rank.
 
-It is a threaded actor: ``run()`` trains on one thread while ``poll()`` and ``request_stop()``
-are served on others, so reporting never blocks a step and a stop request lands mid-run.
+It is a threaded actor: ``run()`` trains on one thread while ``request_stop()`` is served on
+another, so a stop request lands mid-run. Reports are pushed, never polled.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import itertools
 import socket
 import threading
 import time
@@ -17,7 +17,7 @@ import ray
 import torch
 
 from elastic_ckpt.config import TrainConfig
-from elastic_ckpt.train import RankHooks, RankResult, RankSpec, RankTrainer, StepMetrics
+from elastic_ckpt.train import RankHooks, RankResult, RankSpec, RankTrainer
 from elastic_ckpt.train.distributed import process_group
 
 
@@ -32,19 +32,13 @@ class WorkerJob:
     collate_fn: Callable | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkerReport:
-    """What ``poll()`` returns: everything that happened since the previous poll."""
-
-    steps: tuple[StepMetrics, ...]
-    events: tuple[tuple[str, dict[str, Any]], ...]
-
-
 class TrainWorker:
+    """One rank. Reports every step and event to ``sink`` (the coordinator's actor handle)
+    with fire-and-forget calls, so nothing waits on the coordinator and a report sent just
+    before the process dies still arrives."""
+
     def __init__(self, job: WorkerJob) -> None:
         self.job = job
-        self._steps: collections.deque[StepMetrics] = collections.deque()
-        self._events: collections.deque[tuple[str, dict]] = collections.deque()
         self._stop = threading.Event()
         cpus = job.config.scaling.resources_per_worker.get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
@@ -59,32 +53,26 @@ class TrainWorker:
             s.bind((ip, 0))
             return ip, s.getsockname()[1]
 
-    def run(self, spec: RankSpec) -> RankResult:
-        """Train as rank ``spec.rank`` until max_steps or a stop request; collective."""
+    def run(self, spec: RankSpec, generation: int, sink: Any) -> RankResult:
+        """Train as rank ``spec.rank`` of group ``generation`` until max_steps or a stop
+        request; collective over the group."""
         started = time.perf_counter()
-        hooks = RankHooks(should_stop=self._stop.is_set, on_step=self._steps.append,
-                          on_event=lambda name, fields: self._events.append((name, fields)))
+        seq = itertools.count()
+
+        def report(kind: str, payload: Any) -> None:
+            # Threaded actors may run calls out of order; ``seq`` lets the sink reorder.
+            sink.report.remote(generation, spec.rank, next(seq), kind, payload)
+
+        hooks = RankHooks(should_stop=self._stop.is_set,
+                          on_step=lambda m: report("step", m),
+                          on_event=lambda name, fields: report("event", (name, fields)))
         with process_group(spec):
-            self._events.append(("rendezvous", {"seconds": time.perf_counter() - started}))
+            report("event", ("rendezvous", {"seconds": time.perf_counter() - started}))
             trainer = RankTrainer(self.job.config, self.job.model_fn, self.job.dataset,
                                   self.job.loss_fn, self.job.collate_fn, hooks=hooks,
                                   device=spec.device)
             return trainer.run()
 
-    def poll(self) -> WorkerReport:
-        steps = tuple(_drain(self._steps))
-        events = tuple(_drain(self._events))
-        return WorkerReport(steps=steps, events=events)
-
     def request_stop(self) -> None:
         """Stop at the next step boundary, with a checkpoint (the group agrees on the step)."""
         self._stop.set()
-
-
-def _drain(queue: collections.deque) -> list:
-    out = []
-    while True:
-        try:
-            out.append(queue.popleft())
-        except IndexError:
-            return out

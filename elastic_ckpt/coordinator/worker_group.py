@@ -13,7 +13,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from elastic_ckpt.coordinator.policy import Failure, FailureKind
-from elastic_ckpt.coordinator.worker import TrainWorker, WorkerJob, WorkerReport
+from elastic_ckpt.coordinator.worker import TrainWorker, WorkerJob
 from elastic_ckpt.errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
 from elastic_ckpt.train import RankResult, RankSpec
 
@@ -30,7 +30,6 @@ class PlacementTimeout(Exception):
 class GroupPoll:
     """A frozen snapshot of the group at one poll."""
 
-    reports: tuple[WorkerReport, ...]
     results: tuple[RankResult | None, ...]
     failure: Failure | None
 
@@ -41,8 +40,11 @@ class GroupPoll:
 
 class WorkerGroup:
     def __init__(self, job: WorkerJob, bundle: dict[str, float], strategy: str,
-                 use_gpu: bool) -> None:
+                 use_gpu: bool, sink: Any = None) -> None:
         self.job = job
+        self.sink = sink
+        """Actor handle that receives the ranks' reports (``report(generation, rank, ...)``)."""
+        self.generation = 0
         self.bundle = bundle
         self.strategy = strategy
         self.use_gpu = use_gpu
@@ -91,14 +93,16 @@ class WorkerGroup:
         self.node_ids = ray.get([a.node_id.remote() for a in self.actors])
         addr, port = ray.get(self.actors[0].rendezvous_address.remote())
         self._results = [None] * n
+        self.generation += 1
         self.run_refs = [
             actor.run.remote(RankSpec(rank=r, world_size=n, master_addr=addr, master_port=port,
-                                      use_gpu=self.use_gpu))
+                                      use_gpu=self.use_gpu), self.generation, self.sink)
             for r, actor in enumerate(self.actors)
         ]
 
-    def poll(self, timeout_s: float = 5.0) -> GroupPoll:
-        """Collect finished ranks and reports without blocking on training."""
+    def poll(self) -> GroupPoll:
+        """Collect finished ranks without blocking on training. A dead actor shows up as its
+        ``run`` call failing."""
         failures: list[Failure] = []
         ready, _ = ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=0)
         for ref in ready:
@@ -109,18 +113,9 @@ class WorkerGroup:
                 self._results[rank] = ray.get(ref)
             except RayError as exc:
                 failures.append(_classify(exc, rank))
-        refs = [a.poll.remote() for a in self.actors]
-        reports: list[WorkerReport] = []
-        for rank, ref in enumerate(refs):
-            try:
-                reports.append(ray.get(ref, timeout=timeout_s))
-            except RayActorError as exc:
-                failures.append(_classify(exc, rank))
-            except GetTimeoutError:
-                pass  # a busy actor answers next time
         # A peer's death surfaces in the survivors as collective errors; report the death.
         failure = min(failures, key=lambda f: _PRIORITY[f.kind]) if failures else None
-        return GroupPoll(reports=tuple(reports), results=tuple(self._results), failure=failure)
+        return GroupPoll(results=tuple(self._results), failure=failure)
 
     def request_stop(self) -> None:
         for actor in self.actors:

@@ -79,7 +79,7 @@ class ElasticTrainer:
         _ensure_ray()
         here = ray.get_runtime_context().get_node_id()
         coordinator = ray.remote(Coordinator).options(
-            num_cpus=0, max_concurrency=2, max_restarts=0,
+            num_cpus=0, max_concurrency=4, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         ).remote(self.config, self.job, self.record_samples)
         try:

@@ -1,0 +1,43 @@
+"""Console progress for ``ElasticTrainer(on_progress=...)``: step lines and the scaling
+timeline as it happens."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from elastic_ckpt.config import TrainConfig
+from elastic_ckpt.coordinator import ScalingEvent
+from elastic_ckpt.train import StepMetrics
+
+
+def format_event(e: ScalingEvent) -> str:
+    phases = " ".join(f"{k}={v:.2f}s" for k, v in e.phases.items())
+    lost = "" if e.steps_lost is None else f", {e.steps_lost} steps lost"
+    return (f"{e.kind}: {e.from_workers} -> {e.to_workers} workers{lost}, "
+            f"{e.total_s or 0:.2f}s total [{phases}]")
+
+
+class ProgressPrinter:
+    """Prints step, loss, world size and throughput every ``log_interval_steps``, and each
+    scaling event when it completes."""
+
+    def __init__(self, config: TrainConfig, out: TextIO = sys.stdout) -> None:
+        self.every = config.log_interval_steps
+        self.max_steps = config.max_steps
+        self.out = out
+        self.window: list[StepMetrics] = []
+
+    def __call__(self, steps: list[StepMetrics], events: list[ScalingEvent]) -> None:
+        for e in events:
+            print(f"-- {format_event(e)}", file=self.out, flush=True)
+        for m in steps:
+            self.window.append(m)
+            if m.step % self.every and m.step != self.max_steps:
+                continue
+            secs = sum(r.step_time_s for r in self.window) or 1e-9
+            print(f"step {m.step:6d}/{self.max_steps}  loss {m.loss:.4f}  world {m.world_size}  "
+                  f"lr {m.lr:.2e}  {sum(r.samples for r in self.window) / secs:8.1f} samples/s  "
+                  f"{sum(r.tokens for r in self.window) / secs:9.0f} tok/s",
+                  file=self.out, flush=True)
+            self.window = []

@@ -1,0 +1,161 @@
+"""``ray`` tests: ElasticTrainer on a loopback ``ray.cluster_utils.Cluster`` (head with 0 CPUs,
+1-CPU worker nodes): node loss, capacity added, drain, worker crashes, max_failures."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import threading
+
+import pytest
+import torch
+from ray_jobs import Faults, dataset, loopback_cluster, tiny_config, trainer_kwargs, wait_for
+
+from elastic_ckpt import ElasticTrainer, TrainingFailedError, verify
+from elastic_ckpt.data import ElasticSampler
+from elastic_ckpt.train import build_gpt, lm_loss
+from elastic_ckpt.train.local import LocalJob, run_local_group
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+
+def reference_losses(config, tmp_path) -> dict[int, float]:
+    """The same run at a fixed world size of 2, without Ray."""
+    ref_config = config.model_copy(update={"checkpoint": config.checkpoint.model_copy(
+        update={"uri": str(tmp_path / "ref-ckpt")})})
+    history = []
+    job = LocalJob(ref_config, functools.partial(build_gpt, ref_config.model), dataset(), lm_loss)
+    run_local_group(job, 2, on_step=history.append)
+    return {m.step: m.loss for m in history}
+
+
+class Run:
+    """``fit()`` on a background thread (the cluster is driven from the main thread)."""
+
+    def __init__(self, **kwargs) -> None:
+        self.steps = []
+        self.result = self.error = None
+        self.trainer = ElasticTrainer(on_progress=lambda steps, events: self.steps.extend(steps),
+                                      **kwargs)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.trainer.fit()
+        except BaseException as exc:  # re-raised in the test thread by join()
+            self.error = exc
+
+    def reached(self, step: int, world_size: int | None = None) -> bool:
+        if not self.thread.is_alive():
+            self.join(0)  # fit() ended early: surface its error now
+        return any(m.step >= step and (world_size is None or m.world_size == world_size)
+                   for m in self.steps)
+
+    def join(self, timeout_s: float = 400):
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "fit() did not return"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def check_exact_training(result, config, ref: dict[int, float]) -> None:
+    steps = [h.step for h in result.history]
+    assert steps == list(range(1, config.max_steps + 1))
+    sampler = ElasticSampler(len(dataset()), config.data.global_batch_size, config.data.seed)
+    for step in steps:
+        consumed = sorted(result.sample_ledger[step])
+        assert consumed == sorted(sampler.global_batch(step - 1).tolist()), f"step {step}"
+    losses = torch.tensor([h.loss for h in result.history], dtype=torch.float64)
+    expected = torch.tensor([ref[s] for s in steps], dtype=torch.float64)
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
+    verify(result.checkpoint.uri)
+
+
+def test_node_loss_then_capacity_added(tmp_path):
+    config = tiny_config(tmp_path, max_steps=48)
+    ref = reference_losses(config, tmp_path)
+    faults = Faults(tmp_path / "faults")
+    with loopback_cluster(num_nodes=2) as cluster:
+        worker_nodes = list(cluster.worker_nodes)
+        run = Run(**trainer_kwargs(config, faults))
+        wait_for(lambda: run.reached(6, world_size=2), 180, "step 6 at 2 workers")
+        faults.set("slow")  # keep steps slow until each transition has been observed
+        cluster.remove_node(worker_nodes[0])
+        wait_for(lambda: run.reached(12, world_size=1), 180, "training at 1 worker")
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        wait_for(lambda: any(m.world_size == 3 for m in run.steps), 240, "training at 3")
+        faults.clear("slow")
+        result = run.join()
+    sizes = [h.world_size for h in result.history]
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 3
+    kinds = [e.kind for e in result.events]
+    assert kinds[0] == "start" and "failure" in kinds and "scale_up" in kinds
+    assert all(e.steps_lost == 0 for e in result.events if e.kind == "scale_up")
+    failure = next(e for e in result.events if e.kind == "failure")
+    assert failure.resumed_step % config.checkpoint.interval_steps == 0
+    check_exact_training(result, config, ref)
+
+
+def test_drain_checkpoints_before_deadline(tmp_path):
+    config = tiny_config(tmp_path, max_steps=30, scaling__max_workers=2)
+    ref = reference_losses(config, tmp_path)
+    faults = Faults(tmp_path / "faults")
+    with loopback_cluster(num_nodes=2) as cluster:
+        run = Run(**trainer_kwargs(config, faults))
+        wait_for(lambda: run.reached(5, world_size=2), 180, "step 5 at 2 workers")
+        faults.set("slow")
+        node = cluster.worker_nodes.__iter__().__next__()
+        subprocess.run(["ray", "drain-node", "--address", cluster.address,
+                        "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                        "--reason-message", "spot preemption (test)",
+                        "--deadline-remaining-seconds", "60"], check=True, timeout=60)
+        wait_for(lambda: any(m.world_size == 1 for m in run.steps), 120, "training at 1")
+        faults.clear("slow")
+        result = run.join()
+    drain = [e for e in result.events if e.kind == "drain"]
+    assert len(drain) == 1 and drain[0].steps_lost == 0 and "save" in drain[0].phases
+    assert drain[0].to_workers == 1
+    assert drain[0].phases["drain"] < 60  # checkpointed well before the deadline
+    check_exact_training(result, config, ref)
+
+
+def test_worker_crash_mid_step_and_during_save(tmp_path):
+    config = tiny_config(tmp_path, max_steps=32, scaling__max_workers=2,
+                         failure__max_failures=2)
+    ref = reference_losses(config, tmp_path)
+    faults = Faults(tmp_path / "faults")
+    with loopback_cluster(num_nodes=2):
+        run = Run(**trainer_kwargs(config, faults))
+        wait_for(lambda: run.reached(6, world_size=2), 180, "step 6")
+        faults.set("crash-rank-1")  # rank 1 exits in its next micro-batch
+        wait_for(lambda: not faults.is_set("crash-rank-1"), 60, "the crash")
+        wait_for(lambda: run.reached(14, world_size=2), 240, "recovery")
+        faults.set("crash-in-save-rank-1")  # rank 1 exits inside the next save
+        result = run.join()
+    failures = [e for e in result.events if e.kind == "failure"]
+    assert len(failures) == 2
+    first, second = failures
+    assert first.resumed_step <= first.at_step and first.resumed_step % 4 == 0
+    # The save that crashed never committed: recovery used the checkpoint before it.
+    assert second.resumed_step % 4 == 0 and second.resumed_step < second.at_step + 1
+    check_exact_training(result, config, ref)
+
+
+def test_max_failures_exceeded_raises_and_keeps_checkpoint(tmp_path):
+    config = tiny_config(tmp_path, max_steps=200, scaling__max_workers=2,
+                         failure__max_failures=1)
+    faults = Faults(tmp_path / "faults")
+    with loopback_cluster(num_nodes=2):
+        run = Run(**trainer_kwargs(config, faults))
+        wait_for(lambda: run.reached(9, world_size=2), 180, "step 9")
+        faults.set("crash-always-rank-1")
+        with pytest.raises(TrainingFailedError, match=r"max_failures=1.*step-0000"):
+            run.join()
+    from elastic_ckpt import CheckpointManager
+
+    latest = CheckpointManager(config.checkpoint.uri).latest()
+    assert latest is not None and latest.step >= 8
+    verify(latest.uri)
