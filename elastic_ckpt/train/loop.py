@@ -183,7 +183,12 @@ class RankTrainer:
         lr = lr_at(step, cfg.optim, cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + self.rank)
+        # Seed only this rank's generators: torch.manual_seed also walks every accelerator
+        # backend, which costs ~0.4 ms a step on CPU-only builds.
+        seed = (cfg.seed * 1_000_003 + step) * 1009 + self.rank
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
         local_ids = self.sampler.local_batch(step, self.rank, w)
         micro = self.sampler.micro_batches(step, self.rank, w, cfg.data.micro_batch_size)
         # Every rank runs the same number of forward/backward passes (FSDP all-gathers in
