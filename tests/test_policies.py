@@ -1,0 +1,135 @@
+"""Pure policies as tables, the transition table, the event record and the cluster capacity
+arithmetic. No Ray, no clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from elastic_ckpt.coordinator.cluster import ClusterSnapshot, NodeView
+from elastic_ckpt.coordinator.events import ScalingEvent, Timeline
+from elastic_ckpt.coordinator.policy import (
+    Failure,
+    FailureDecision,
+    FailureKind,
+    FailurePolicy,
+    NoopDecision,
+    Observation,
+    ResizeDecision,
+    ScalingPolicy,
+)
+from elastic_ckpt.coordinator.state import (
+    Failed,
+    Finished,
+    Recovering,
+    Resizing,
+    Running,
+    Starting,
+    Waiting,
+    check_transition,
+)
+
+POLICY = ScalingPolicy(min_workers=2, max_workers=4, cooldown_s=5.0, settle_s=1.0)
+
+
+def obs(num_workers=2, capacity=2, changed=0.0, now=100.0, draining=0, last_resize=50.0):
+    return Observation(now_s=now, num_workers=num_workers, capacity=capacity,
+                       capacity_changed_s=changed, draining_workers=draining,
+                       last_resize_s=last_resize)
+
+
+@pytest.mark.parametrize("observation, expected", [
+    (obs(capacity=2), NoopDecision()),                                     # steady
+    (obs(capacity=3), ResizeDecision(3, "scale_up")),                      # one more fits
+    (obs(capacity=9), ResizeDecision(4, "scale_up")),                      # capped at max
+    (obs(num_workers=4, capacity=9), NoopDecision()),                      # already at max
+    (obs(capacity=3, changed=99.5), NoopDecision()),                       # still settling
+    (obs(capacity=3, last_resize=97.0), NoopDecision()),                   # cooldown
+    (obs(capacity=3, last_resize=None), ResizeDecision(3, "scale_up")),    # never resized
+    (obs(num_workers=3, capacity=2), NoopDecision()),                      # less, no drain
+    (obs(num_workers=3, capacity=2, draining=1, last_resize=99.9), ResizeDecision(2, "drain")),
+    (obs(num_workers=3, capacity=5, draining=1, changed=99.9), ResizeDecision(4, "drain")),
+    (obs(num_workers=2, capacity=0, draining=2), ResizeDecision(0, "drain")),
+    (obs(num_workers=0, capacity=4), NoopDecision()),                      # nothing running
+])
+def test_scaling_policy_table(observation, expected):
+    assert POLICY.decide(observation) == expected
+
+
+@pytest.mark.parametrize("capacity, size", [(0, None), (1, None), (2, 2), (3, 3), (10, 4)])
+def test_start_size(capacity, size):
+    assert POLICY.start_size(capacity) == size
+
+
+@pytest.mark.parametrize("kind, so_far, max_failures, expected", [
+    (FailureKind.WORKER_DIED, 0, 3, FailureDecision.RETRY),
+    (FailureKind.WORKER_DIED, 2, 3, FailureDecision.RETRY),
+    (FailureKind.WORKER_DIED, 3, 3, FailureDecision.RAISE),
+    (FailureKind.NODE_DIED, 0, 0, FailureDecision.RAISE),
+    (FailureKind.TRAINING_ERROR, 1, 1, FailureDecision.RAISE),
+    (FailureKind.PREEMPTED, 100, 0, FailureDecision.RETRY),   # preemptions never count
+    (FailureKind.WORKER_DIED, 1000, None, FailureDecision.RETRY),
+    (FailureKind.FATAL, 0, None, FailureDecision.RAISE),      # retrying can't fix it
+])
+def test_failure_policy_table(kind, so_far, max_failures, expected):
+    policy = FailurePolicy(max_failures)
+    assert policy.decide(Failure(kind, "x"), so_far) is expected
+    assert policy.counts(Failure(kind, "x")) is (kind is not FailureKind.PREEMPTED)
+
+
+def _event():
+    return ScalingEvent("start", "test", from_workers=0)
+
+
+@pytest.mark.parametrize("old, new, ok", [
+    (Starting(_event()), Running(_event(), 0.0), True),
+    (Starting(_event()), Waiting(_event(), 0.0), True),
+    (Running(None, 0.0), Finished(), True),
+    (Running(None, 0.0), Resizing(ResizeDecision(3, "scale_up"), _event()), True),
+    (Running(None, 0.0), Recovering(Failure(FailureKind.WORKER_DIED, "x"), _event()), True),
+    (Resizing(ResizeDecision(3, "scale_up"), _event()), Starting(_event()), True),
+    (Recovering(Failure(FailureKind.WORKER_DIED, "x"), _event()), Failed("x"), True),
+    (Waiting(_event(), 0.0), Failed("x"), True),
+    (Running(None, 0.0), Failed("x"), False),       # failures go through the failure policy
+    (Starting(_event()), Finished(), False),
+    (Waiting(_event(), 0.0), Running(None, 0.0), False),
+    (Finished(), Starting(_event()), False),        # terminal
+])
+def test_transition_table(old, new, ok):
+    if ok:
+        check_transition(old, new)
+    else:
+        with pytest.raises(RuntimeError, match="illegal coordinator transition"):
+            check_transition(old, new)
+
+
+def _node(node_id, cpus, available=None, draining=False, gpus=0):
+    total = {"CPU": cpus, "GPU": gpus}
+    return NodeView(node_id, "127.0.0.1", total,
+                    dict(total, CPU=cpus if available is None else available),
+                    draining, None)
+
+
+@pytest.mark.parametrize("nodes, own, bundle, expected", [
+    ([_node("a", 1), _node("b", 1)], {}, {"CPU": 1}, 2),
+    ([_node("a", 4), _node("b", 3)], {}, {"CPU": 2}, 3),                 # floor per node
+    ([_node("a", 2, available=0)], {"a": 2}, {"CPU": 1}, 2),             # own bundles count
+    ([_node("a", 2, available=0)], {}, {"CPU": 1}, 0),                   # someone else's
+    ([_node("a", 1), _node("b", 1, draining=True)], {}, {"CPU": 1}, 1),  # draining excluded
+    ([_node("a", 8, gpus=2), _node("b", 8)], {}, {"CPU": 1, "GPU": 1}, 2),
+    ([], {}, {"CPU": 1}, 0),
+])
+def test_capacity(nodes, own, bundle, expected):
+    assert ClusterSnapshot(0.0, tuple(nodes)).capacity(bundle, own) == expected
+
+
+def test_event_steps_lost_and_timeline(tmp_path):
+    event = ScalingEvent("failure", "rank 1 died", from_workers=2, at_step=11)
+    assert event.steps_lost is None
+    event.resumed_step = 8
+    event.phases["detect"] = 0.25
+    assert event.steps_lost == 3
+    timeline = Timeline(str(tmp_path / "run" / "events.jsonl"))
+    timeline.complete(event)
+    line = (tmp_path / "run" / "events.jsonl").read_text().strip()
+    assert '"steps_lost": 3' in line and '"kind": "failure"' in line
+    assert timeline.events == [event] and event.total_s is not None
