@@ -14,7 +14,8 @@ from ray_jobs import Faults, dataset, loopback_cluster, tiny_config, trainer_kwa
 from elastic_ckpt import ElasticTrainer, TrainingFailedError, verify
 from elastic_ckpt.data import ElasticSampler
 from elastic_ckpt.train import build_gpt, lm_loss
-from elastic_ckpt.train.local import LocalJob, run_local_group
+from elastic_ckpt.train import TrainJob
+from elastic_ckpt.train.local import run_local_group
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -24,7 +25,7 @@ def reference_losses(config, tmp_path) -> dict[int, float]:
     ref_config = config.model_copy(update={"checkpoint": config.checkpoint.model_copy(
         update={"uri": str(tmp_path / "ref-ckpt")})})
     history = []
-    job = LocalJob(ref_config, functools.partial(build_gpt, ref_config.model), dataset(), lm_loss)
+    job = TrainJob(ref_config, functools.partial(build_gpt, ref_config.model), dataset(), lm_loss)
     run_local_group(job, 2, on_step=history.append)
     return {m.step: m.loss for m in history}
 

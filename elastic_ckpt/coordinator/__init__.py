@@ -14,9 +14,9 @@ from elastic_ckpt.coordinator.policy import (
     ResizeDecision,
     ScalingPolicy,
 )
-from elastic_ckpt.coordinator.worker import TrainWorker, WorkerJob
+from elastic_ckpt.coordinator.worker import TrainWorker
 
 __all__ = ["ClusterSnapshot", "ClusterView", "Coordinator", "CoordinatorResult", "Failure",
            "FailureDecision", "FailureKind", "FailurePolicy", "NodeView", "NoopDecision",
            "Observation", "ResizeDecision", "ScalingEvent", "ScalingPolicy", "Timeline",
-           "TrainWorker", "WorkerJob"]
+           "TrainWorker"]

@@ -39,9 +39,8 @@ from elastic_ckpt.coordinator.state import (
     Waiting,
     check_transition,
 )
-from elastic_ckpt.coordinator.worker import WorkerJob
 from elastic_ckpt.coordinator.worker_group import GroupPoll, PlacementTimeout, WorkerGroup
-from elastic_ckpt.train import StepMetrics
+from elastic_ckpt.train import StepMetrics, TrainJob
 
 POLL_INTERVAL_S = 0.1
 CLUSTER_POLL_INTERVAL_S = 0.5
@@ -60,7 +59,7 @@ class CoordinatorResult:
 
 
 class Coordinator:
-    def __init__(self, config: TrainConfig, job: WorkerJob, record_samples: bool = False,
+    def __init__(self, config: TrainConfig, job: TrainJob, record_samples: bool = False,
                  cluster: ClusterView | None = None) -> None:
         s = config.scaling
         self.config = config

@@ -6,30 +6,17 @@ another, so a stop request lands mid-run. Reports are pushed, never polled.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import ray
 import torch
 
-from elastic_ckpt.config import TrainConfig
-from elastic_ckpt.train import RankHooks, RankResult, RankSpec, RankTrainer
+from elastic_ckpt.train import RankHooks, RankResult, RankSpec, TrainJob
 from elastic_ckpt.train.distributed import process_group
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerJob:
-    """What every rank needs to train; shipped to each actor once, at creation."""
-
-    config: TrainConfig
-    model_fn: Callable[[], torch.nn.Module]
-    dataset: Any
-    loss_fn: Callable
-    collate_fn: Callable | None = None
 
 
 class TrainWorker:
@@ -37,7 +24,7 @@ class TrainWorker:
     with fire-and-forget calls, so nothing waits on the coordinator and a report sent just
     before the process dies still arrives."""
 
-    def __init__(self, job: WorkerJob) -> None:
+    def __init__(self, job: TrainJob) -> None:
         self.job = job
         self._stop = threading.Event()
         cpus = job.config.scaling.resources_per_worker.get("CPU", 1)
@@ -68,10 +55,7 @@ class TrainWorker:
                           on_event=lambda name, fields: report("event", (name, fields)))
         with process_group(spec):
             report("event", ("rendezvous", {"seconds": time.perf_counter() - started}))
-            trainer = RankTrainer(self.job.config, self.job.model_fn, self.job.dataset,
-                                  self.job.loss_fn, self.job.collate_fn, hooks=hooks,
-                                  device=spec.device)
-            return trainer.run()
+            return self.job.trainer(hooks, spec.device).run()
 
     def request_stop(self) -> None:
         """Stop at the next step boundary, with a checkpoint (the group agrees on the step)."""

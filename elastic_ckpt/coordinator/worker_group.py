@@ -13,9 +13,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from elastic_ckpt.coordinator.policy import Failure, FailureKind
-from elastic_ckpt.coordinator.worker import TrainWorker, WorkerJob
+from elastic_ckpt.coordinator.worker import TrainWorker
 from elastic_ckpt.errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
-from elastic_ckpt.train import RankResult, RankSpec
+from elastic_ckpt.train import RankResult, RankSpec, TrainJob
 
 _FATAL = (ConfigError, CheckpointMismatchError, CheckpointCorruptError)
 _PRIORITY = {FailureKind.FATAL: 0, FailureKind.PREEMPTED: 1, FailureKind.NODE_DIED: 2,
@@ -39,7 +39,7 @@ class GroupPoll:
 
 
 class WorkerGroup:
-    def __init__(self, job: WorkerJob, bundle: dict[str, float], strategy: str,
+    def __init__(self, job: TrainJob, bundle: dict[str, float], strategy: str,
                  use_gpu: bool, sink: Any = None) -> None:
         self.job = job
         self.sink = sink

@@ -6,32 +6,17 @@ stream back to the parent through a queue, so progress can be shown while the gr
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import queue as queue_mod
 import socket
 import traceback
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
 
-from elastic_ckpt.config import TrainConfig
 from elastic_ckpt.train.distributed import RankSpec, process_group
-from elastic_ckpt.train.loop import RankHooks, RankResult, RankTrainer, StepMetrics
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalJob:
-    """Everything a rank needs; must be picklable (module-level functions, plain datasets)."""
-
-    config: TrainConfig
-    model_fn: Callable[[], torch.nn.Module]
-    dataset: Any
-    loss_fn: Callable
-    collate_fn: Callable | None = None
-    stop_after_steps: int | None = None
-    """Request a stop (with checkpoint) once this many steps ran in this group."""
+from elastic_ckpt.train.loop import RankHooks, RankResult, StepMetrics, TrainJob
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,17 +25,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def run_local_group(job: LocalJob, world_size: int,
+def run_local_group(job: TrainJob, world_size: int,
                     on_step: Callable[[StepMetrics], None] = lambda m: None,
                     on_event: Callable[[str, dict], None] = lambda n, f: None,
-                    use_gpu: bool = False) -> RankResult:
-    """Train ``job`` on ``world_size`` local ranks; returns rank 0's result. Raises
+                    use_gpu: bool = False, stop_after_steps: int | None = None) -> RankResult:
+    """Train ``job`` on ``world_size`` local ranks; returns rank 0's result. With
+    ``stop_after_steps`` the group stops (with a checkpoint) after that many steps. Raises
     ``RuntimeError`` with the failing rank's traceback if any rank fails (the others are
     killed, not left waiting on a collective)."""
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(job, RankSpec(
+    procs = [ctx.Process(target=_rank_main, args=(job, stop_after_steps, RankSpec(
         rank=r, world_size=world_size, master_addr="127.0.0.1", master_port=port,
         use_gpu=use_gpu, local_device=r if use_gpu else 0), events), daemon=True)
         for r in range(world_size)]
@@ -88,7 +74,7 @@ def run_local_group(job: LocalJob, world_size: int,
     return result
 
 
-def _rank_main(job: LocalJob, spec: RankSpec, events) -> None:
+def _rank_main(job: TrainJob, stop_after: int | None, spec: RankSpec, events) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads() // spec.world_size))
     try:
         with process_group(spec):
@@ -100,14 +86,12 @@ def _rank_main(job: LocalJob, spec: RankSpec, events) -> None:
                     events.put(("step", m))
 
             def should_stop() -> bool:
-                return job.stop_after_steps is not None and steps[0] + 1 >= job.stop_after_steps
+                return stop_after is not None and steps[0] + 1 >= stop_after
 
             hooks = RankHooks(should_stop=should_stop, on_step=on_step,
                               on_event=lambda n, f: spec.rank == 0 and events.put(("event",
                                                                                    (n, f))))
-            trainer = RankTrainer(job.config, job.model_fn, job.dataset, job.loss_fn,
-                                  job.collate_fn, hooks=hooks, device=spec.device)
-            result = trainer.run()
+            result = job.trainer(hooks, spec.device).run()
         events.put(("done", (spec.rank, pickle.dumps(result))))
     except BaseException as exc:  # report to the parent, which tears the group down
         events.put(("error", f"rank {spec.rank}: {type(exc).__name__}: {exc}\n"

@@ -68,6 +68,22 @@ class RankResult:
     restored_step: int | None
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    """What every rank needs to train; shipped to each rank process once (must pickle:
+    module-level functions or ``functools.partial``, plain datasets)."""
+
+    config: TrainConfig
+    model_fn: Callable[[], nn.Module]
+    dataset: Any
+    loss_fn: LossFn
+    collate_fn: Callable[[list], Any] | None = None
+
+    def trainer(self, hooks: RankHooks, device: torch.device) -> "RankTrainer":
+        return RankTrainer(self.config, self.model_fn, self.dataset, self.loss_fn,
+                           self.collate_fn, hooks=hooks, device=device)
+
+
 class RankTrainer:
     """Runs training for one rank of the default process group."""
 

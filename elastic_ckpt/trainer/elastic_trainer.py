@@ -18,10 +18,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from elastic_ckpt.checkpoint import CheckpointInfo
 from elastic_ckpt.config import TrainConfig, validate_config
-from elastic_ckpt.coordinator import Coordinator, ScalingEvent, WorkerJob
+from elastic_ckpt.coordinator import Coordinator, ScalingEvent
 from elastic_ckpt.data import ParquetDataset, SyntheticLMDataset
 from elastic_ckpt.errors import ConfigError, TrainingFailedError
-from elastic_ckpt.train import StepMetrics, build_gpt, lm_loss
+from elastic_ckpt.train import StepMetrics, TrainJob, build_gpt, lm_loss
 
 ProgressFn = Callable[[list[StepMetrics], list[ScalingEvent]], None]
 
@@ -65,7 +65,7 @@ class ElasticTrainer:
             raise ConfigError("pass model_fn and loss_fn together (or neither, for the built-in "
                               "GPT and lm_loss)", field="model_fn")
         self.config = config
-        self.job = WorkerJob(
+        self.job = TrainJob(
             config=config,
             model_fn=model_fn or functools.partial(build_gpt, config.model),
             dataset=dataset if dataset is not None else dataset_from_config(config),
