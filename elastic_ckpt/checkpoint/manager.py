@@ -40,10 +40,10 @@ from elastic_ckpt.errors import (
 log = logging.getLogger(__name__)
 from elastic_ckpt.storage import Storage
 
-DEFAULT_BLOCK_SIZE_BYTES = 1 << 16
-"""64 KiB checksum blocks: a re-shard reads at most one partial block beyond each end of each
-range it needs, so small blocks keep read amplification near 1.0 while the checksum list stays
-~0.01% of the data."""
+DEFAULT_BLOCK_SIZE_BYTES = 1 << 15
+"""32 KiB checksum blocks: a re-shard reads at most one partial block beyond each end of each
+range it needs (~32 KiB per tensor per boundary), so read amplification stays under 1.01 from
+~0.2 GB of state up, while the checksum list stays ~0.02% of the data (base64 crc32c)."""
 
 
 class CheckpointManager:

@@ -79,7 +79,7 @@ class ShardWriter(StorageWriter):
         *,
         step: int,
         extra: dict[str, Any] | None = None,
-        block_size_bytes: int = 1 << 16,
+        block_size_bytes: int = 1 << 15,
         on_phase: PhaseCallback | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:

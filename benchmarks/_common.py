@@ -1,0 +1,201 @@
+"""Shared helpers for the benchmarks: spawn gloo rank groups, time collectives, read I/O
+counters, drop the page cache, describe the machine and print markdown tables.
+
+Self-contained on purpose (no import from ``tests/``): benchmarks must run from a checkout
+without the test tree on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+GB = 1e9
+
+
+# -- process groups -----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple,
+           queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", pickle.dumps(result)))
+    except BaseException as exc:  # report every failure to the parent, with its traceback
+        queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_group(world_size: int, fn: Callable, *args: Any, timeout_s: float = 3600,
+              threads_per_rank: int | None = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh gloo ranks (spawned
+    processes; ``fn`` must be importable at module level). Returns results by rank; raises
+    with the failing rank's traceback if any rank fails."""
+    if threads_per_rank is None:
+        threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry,
+                         args=(r, world_size, port, threads_per_rank, fn, args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) + len(errors) < world_size and not errors:
+            if time.monotonic() > deadline:
+                errors.append(f"timed out after {timeout_s:.0f} s")
+                break
+            if not queue.empty():
+                rank, status, payload = queue.get()
+                if status == "ok":
+                    results[rank] = pickle.loads(payload)
+                else:
+                    errors.append(f"rank {rank}: {payload}")
+                continue
+            if any(p.exitcode not in (None, 0) for p in procs):
+                time.sleep(0.5)  # let a dying rank's report arrive
+                if queue.empty():
+                    codes = [p.exitcode for p in procs]
+                    errors.append(f"a rank died without a report (exit codes {codes}; "
+                                  "out of memory?)")
+                continue
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
+def timed_collective(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Barrier, run ``fn`` (a collective), return ``(this rank's seconds, result)``. The
+    collective's time is the max over ranks of the returned seconds."""
+    dist.barrier()
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+# -- I/O and the page cache ---------------------------------------------------------------------
+def proc_io() -> dict[str, int]:
+    """This process's ``/proc/self/io`` counters (all threads): ``rchar``/``wchar`` are bytes
+    passed through read/write syscalls, ``read_bytes``/``write_bytes`` bytes that hit the block
+    layer. Empty if unavailable."""
+    try:
+        with open("/proc/self/io") as f:
+            return {k: int(v) for k, v in (line.split(":") for line in f)}
+    except OSError:
+        return {}
+
+
+def io_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def can_drop_page_cache() -> bool:
+    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def drop_page_cache() -> bool:
+    """``sync`` then drop clean page-cache pages. True if it worked (needs root)."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def collective_drop_page_cache(enabled: bool) -> bool:
+    """All ranks: barrier, rank 0 syncs and (if ``enabled``) drops the page cache, barrier.
+    Returns whether it dropped."""
+    dist.barrier()
+    ok = False
+    if dist.get_rank() == 0:
+        ok = drop_page_cache() if enabled else (os.sync() or False)
+    dist.barrier()
+    return ok
+
+
+# -- machine and formatting ---------------------------------------------------------------------
+def machine_info() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    ram = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    ram = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+                    break
+    except OSError:
+        pass
+    return {"cores": str(os.cpu_count()), "cpu": cpu, "ram": ram,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "os": platform.platform()}
+
+
+def disk_of(path: str) -> str:
+    """The device/filesystem holding ``path`` (best effort, for the report)."""
+    try:
+        out = subprocess.run(["df", "-hT", path], capture_output=True, text=True, timeout=5)
+        lines = out.stdout.strip().splitlines()
+        if len(lines) >= 2:
+            f = lines[1].split()
+            return f"{f[0]} ({f[1]}, {f[2]} total, {f[4]} free)"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "?"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"

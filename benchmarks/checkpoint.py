@@ -1,0 +1,681 @@
+"""Save and re-shard load of an FSDP2 model + AdamW state: elastic_ckpt vs plain DCP.
+
+```
+python benchmarks/checkpoint.py                 # ~2 GB of model + optimizer state (default)
+python benchmarks/checkpoint.py --gb 0.2        # quick smoke run
+python benchmarks/checkpoint.py --repeats 3 --dir /mnt/nvme/bench
+```
+
+Cases: save at W=2 and W=4; load 2->2, 2->3 (from the W=2 save) and 4->3 (from the W=4 save).
+Both libraries save the same model (same seed, one AdamW step) through the same ``AppState``
+(``get_state_dict``/``set_state_dict``, sharded), to the same disk, in the same run:
+
+* elastic_ckpt: ``CheckpointManager(root).save(1, {"app": AppState(...)})`` / ``.load(...)``
+* DCP: ``dcp.save({"app": AppState(...)}, storage_writer=FileSystemWriter(dir))`` /
+  ``dcp.load(..., storage_reader=FileSystemReader(dir))`` with their default options.
+
+Each save world size and each load case runs in its own freshly spawned gloo group (1-D CPU
+mesh, ``fully_shard`` per block + root), both libraries back to back inside it so drifting
+background load hits both alike; their order alternates between cases and repeats. The page
+cache is dropped before every timed load when ``/proc/sys/vm/drop_caches`` is writable (cold
+reads for both; otherwise both read warm), and ``sync``ed before every timed save. Each group
+first does one untimed tiny save (or load) per library, so one-time costs (lazy imports, first
+planning) land in neither timed call. Before each timed load the model and optimizer state are
+overwritten with NaN.
+
+Reported per case: seconds (max over ranks, barrier-aligned start), CPU seconds (summed over
+ranks; less sensitive to other load on the machine), GB/s (logical tensor bytes
+/ seconds; for loads the bytes the ranks needed), read amplification (bytes read from storage /
+bytes needed, summed over ranks) and elastic/DCP time. Amplification for elastic_ckpt is
+``CheckpointManager.last_read_stats``; for DCP it is the sum of the stored lengths of the items
+each rank's read plan touches (``FileSystemReader`` ``torch.load``s every touched item whole),
+counted in a ``FileSystemReader`` subclass. As a cross-check both are also measured at the
+syscall level (``rchar`` from ``/proc/self/io``, all threads; gloo receives via ``recvmsg`` so
+it does not count). After every load each rank hashes its shard of every tensor of the loaded
+state (a layout-independent hash of the bits weighted by global element index, summed over
+ranks) and the run fails if it differs from the hash taken right before the save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.planner import LoadItemType
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    GB,
+    can_drop_page_cache,
+    collective_drop_page_cache,
+    disk_of,
+    fmt_bytes,
+    io_delta,
+    machine_info,
+    markdown_table,
+    proc_io,
+    run_group,
+    timed_collective,
+)
+
+ELASTIC, DCP = "elastic_ckpt", "dcp"
+LIBS = (ELASTIC, DCP)
+SAVE_WORLDS = (2, 4)
+LOAD_CASES = ((2, 2), (2, 3), (4, 3))
+TARGET_LOAD_RATIO = 0.6
+TARGET_AMP = 1.01
+SAVE_TIE = 0.05
+"""Saves are disk-bound: a difference under 5% is reported as a tie, not a miss."""
+MASK64 = (1 << 64) - 1
+
+
+# -- the model ----------------------------------------------------------------------------------
+def _odd_not3(n: int) -> int:
+    """Smallest m >= n that is odd and not a multiple of 3 (so shards are uneven at W=2,3,4)."""
+    n = max(n, 5)
+    while n % 2 == 0 or n % 3 == 0:
+        n += 1
+    return n
+
+
+def model_dims(gb: float) -> dict[str, int]:
+    """Sizes such that params + exp_avg + exp_avg_sq (fp32) ~= ``gb`` GB: 3 blocks of
+    Linear(h, f) + Linear(f, h) with f ~ 2h, and an Embedding(v ~ 2h, h): ~14 h^2 params.
+    All dims are odd and not multiples of 3 (uneven shards at every W)."""
+    params = gb * GB / 12
+    h = _odd_not3(int(math.sqrt(params / 14)))
+    ffn = _odd_not3(2 * h)
+    return {"hidden": h, "ffn": ffn, "vocab": _odd_not3(ffn + 6), "blocks": 3}
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int, ffn: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden, ffn)
+        self.down = nn.Linear(ffn, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int, ffn: int, vocab: int, blocks: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(Block(hidden, ffn) for _ in range(blocks))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def build(world_size: int, dims: dict[str, int], seed: int):
+    """FSDP2 model (meta init, then each rank fills its own shard) and its AdamW."""
+    mesh = init_device_mesh("cpu", (world_size,))
+    with torch.device("meta"):
+        model = Net(**dims)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed * 1000 + dist.get_rank())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            std = 1.0 if name.startswith("embed") else 1.0 / math.sqrt(p.shape[-1])
+            local.normal_(0.0, std if p.dim() > 1 else 0.02, generator=gen)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    return model, optimizer
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, vocab: int) -> None:
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    tokens = torch.randint(0, vocab, (2, 8), generator=gen)
+    loss = model(tokens).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# -- a layout-independent hash of the sharded state ---------------------------------------------
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(value, (list, tuple)) and not isinstance(value, torch.Tensor):
+        for i, v in enumerate(value):
+            _flatten(v, f"{prefix}.{i}", out)
+    else:
+        out[prefix] = value
+
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_STEP_ELEMS = 1 << 22
+
+
+def _hash_local(local: torch.Tensor, first_index: int) -> int:
+    """sum_i bits(x_i) * (2 * K * (first_index + i) + 1) mod 2^64 over a contiguous run of
+    elements whose global flat indices start at ``first_index``. The weights are odd, so any
+    single changed element changes the hash; summing over ranks makes it layout-independent."""
+    flat = local.detach().reshape(-1)
+    bits = flat.view(_INT_VIEW[flat.element_size()])
+    total = 0
+    for start in range(0, bits.numel(), _STEP_ELEMS):
+        part = bits[start:start + _STEP_ELEMS].to(torch.int64)
+        weights = torch.arange(first_index + start, first_index + start + part.numel(),
+                               dtype=torch.int64).mul_(2 * 0x9E3779B1).add_(1)
+        total += int(part.mul_(weights).sum())
+    return total & MASK64
+
+
+def state_hashes(app) -> dict[str, tuple[str, Any]]:
+    """fqn -> ("sharded", this rank's share of the hash) | ("replicated", hash) |
+    ("object", repr). The parent sums sharded shares over ranks."""
+    flat: dict[str, Any] = {}
+    _flatten(app.state_dict(), "", flat)
+    out: dict[str, tuple[str, Any]] = {}
+    for fqn, value in flat.items():
+        if isinstance(value, DTensor):
+            if not all(isinstance(p, Shard) and p.dim == 0 for p in value.placements):
+                raise NotImplementedError(f"{fqn}: placements {value.placements}")
+            local = value.to_local()
+            chunk = value.__create_chunk_list__()[0]
+            row = math.prod(value.shape[1:]) if value.dim() > 1 else 1
+            first = chunk.offsets[0] * row if value.dim() else 0
+            out[fqn] = ("sharded", _hash_local(local.contiguous(), first) if local.numel() else 0)
+        elif isinstance(value, torch.Tensor):
+            out[fqn] = ("replicated", _hash_local(value.contiguous(), 0))
+        else:
+            out[fqn] = ("object", repr(value))
+    return out
+
+
+def combine_hashes(per_rank: list[dict[str, tuple[str, Any]]]) -> dict[str, Any]:
+    combined: dict[str, Any] = {}
+    for fqn, (kind, value) in per_rank[0].items():
+        values = [r[fqn][1] for r in per_rank]
+        if kind == "sharded":
+            combined[fqn] = sum(values) & MASK64
+        elif len(set(values)) == 1:
+            combined[fqn] = values[0]
+        else:
+            combined[fqn] = ("ranks disagree", tuple(values))
+    return combined
+
+
+def compare_hashes(saved: dict[str, Any], loaded: dict[str, Any]) -> list[str]:
+    bad = [k for k in saved if saved[k] != loaded.get(k)]
+    bad += [k for k in loaded if k not in saved]
+    return bad
+
+
+# -- timing instrumentation (benchmark-local wrappers; the libraries are not modified) ----------
+_T: dict[str, float] = {}
+
+
+def _timed(key: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            out = fn(*args, **kwargs)
+            if hasattr(out, "wait"):
+                out.wait()
+            return out
+        finally:
+            _T[key] = _T.get(key, 0.0) + time.perf_counter() - start
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _install_timers() -> None:
+    from elastic_ckpt.checkpoint.app_state import AppState
+    from elastic_ckpt.checkpoint.reader import ShardReader
+    from elastic_ckpt.checkpoint.writer import ShardWriter
+
+    for cls, meth, key in ((AppState, "state_dict", "state_dict"),
+                           (AppState, "load_state_dict", "set_state"),
+                           (ShardWriter, "write_data", "io"),
+                           (ShardWriter, "finish", "commit"),
+                           (ShardReader, "read_data", "io")):
+        if not hasattr(getattr(cls, meth), "__wrapped__"):
+            setattr(cls, meth, _timed(key, getattr(cls, meth)))
+
+
+class TimedFileSystemWriter(FileSystemWriter):
+    """``FileSystemWriter`` with default options; only times ``write_data`` and ``finish``."""
+
+    def write_data(self, plan, planner):
+        return _timed("io", super().write_data)(plan, planner)
+
+    def finish(self, metadata, results):
+        return _timed("commit", super().finish)(metadata, results)
+
+
+class CountingFileSystemReader(FileSystemReader):
+    """``FileSystemReader`` that counts, per rank, the stored bytes of every item its read plan
+    touches (``read_data`` ``torch.load``s each touched item whole, once per read item) and the
+    bytes the plan needs (the requested boxes)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.bytes_read = 0
+        self.bytes_needed = 0
+
+    def read_data(self, plan, planner):
+        tensor_md = planner.metadata.state_dict_metadata
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                continue
+            self.bytes_read += self.storage_data[item.storage_index].length
+            itemsize = tensor_md[item.storage_index.fqn].properties.dtype.itemsize
+            self.bytes_needed += math.prod(item.lengths) * itemsize
+        return _timed("io", super().read_data)(plan, planner)
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for base, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(base, f)) for f in files)
+    return total
+
+
+# -- phases (each runs on a freshly spawned group) ----------------------------------------------
+def save_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    from elastic_ckpt import AppState, CheckpointManager
+
+    _install_timers()
+    model, optimizer = build(world_size, cfg["dims"], seed=1)
+    train_step(model, optimizer, cfg["dims"]["vocab"])
+    app = AppState(model, optimizer)
+    hashes = state_hashes(app) if cfg["verify"] else {}
+    local_bytes = sum(v.to_local().nbytes if isinstance(v, DTensor) else v.nbytes
+                      for v in _flat_tensors(app))
+    out: dict[str, Any] = {"hashes": hashes, "local_bytes": local_bytes, "libs": {}}
+    _warm_up_saves(cfg["warmup_dir"])
+    for lib in cfg["order"]:
+        path = cfg["paths"][lib]
+        # Saves read nothing: flush dirty pages but keep the filesystem metadata cached. In a
+        # 0.2 GB trial with drop_caches here, whichever library saved first after the drop
+        # was ~0.3 s slower (re-reading ext4 metadata, presumably).
+        dropped = collective_drop_page_cache(False)
+        _T.clear()
+        cpu0 = time.process_time()
+        if lib == ELASTIC:
+            mgr = CheckpointManager(path, keep_last=1)
+            seconds, _ = timed_collective(lambda: mgr.save(1, {"app": app}))
+        else:
+            writer = TimedFileSystemWriter(path)
+            seconds, _ = timed_collective(lambda: dcp.save({"app": app}, storage_writer=writer))
+        cpu = time.process_time() - cpu0
+        dist.barrier()
+        out["libs"][lib] = {"seconds": seconds, "cpu": cpu, "parts": dict(_T),
+                            "dropped": dropped,
+                            "disk_bytes": _dir_bytes(path) if rank == 0 else 0}
+    return out
+
+
+def _warm_up_saves(directory: str) -> None:
+    """Untimed: one tiny sharded save per library, so one-time costs (lazy imports, first
+    DTensor planning, directory creation) are paid by neither timed save."""
+    from elastic_ckpt import CheckpointManager
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    tiny = {"w": distribute_tensor(torch.zeros(64, 7), mesh, [Shard(0)])}
+    CheckpointManager(os.path.join(directory, ELASTIC), keep_last=1).save(0, {"t": tiny})
+    dcp.save({"t": tiny}, storage_writer=FileSystemWriter(os.path.join(directory, DCP)))
+    dist.barrier()
+
+
+def raw_io_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, float]:
+    """The disk's ceiling for this run: each rank writes ``bytes / W`` to its own file with
+    plain ``os.write`` (64 MiB buffers) + ``fsync``, then (page cache dropped) reads it back
+    with 64 MiB ``preadv``s."""
+    path = os.path.join(cfg["dir"], f"raw-{rank}.bin")
+    nbytes = cfg["bytes"] // world_size
+    block = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(rank)).numpy()
+    view = memoryview(block)
+
+    def write() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            left = nbytes
+            while left:
+                left -= os.write(fd, view[:min(left, len(view))])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            offset = 0
+            while n := os.preadv(fd, [view], offset):
+                offset += n
+        finally:
+            os.close(fd)
+
+    collective_drop_page_cache(False)
+    write_s, _ = timed_collective(write)
+    collective_drop_page_cache(cfg["drop"])
+    read_s, _ = timed_collective(read)
+    dist.barrier()
+    os.remove(path)
+    return {"write": write_s, "read": read_s}
+
+
+def _flat_tensors(app) -> list[torch.Tensor]:
+    flat: dict[str, Any] = {}
+    _flatten(app.state_dict(), "", flat)
+    return [v for v in flat.values() if isinstance(v, torch.Tensor)]
+
+
+def load_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """One load case: both libraries back to back in this group (order from ``cfg``), so a
+    drift in background load hits both alike. Before each timed load the model and optimizer
+    state are overwritten with NaN, so every element must come from the checkpoint."""
+    from elastic_ckpt import AppState, CheckpointManager
+
+    _install_timers()
+    model, optimizer = build(world_size, cfg["dims"], seed=2)
+    app = AppState(model, optimizer)
+    app.state_dict()  # creates the (empty) AdamW state up front, untimed, for both libraries
+    _warm_up_loads(cfg["warmup_dir"])
+    out: dict[str, Any] = {}
+    for lib in cfg["order"]:
+        path = cfg["paths"][lib]
+        _poison(model, optimizer)
+        dropped = collective_drop_page_cache(cfg["drop"])
+        _T.clear()
+        before, cpu0 = proc_io(), time.process_time()
+        if lib == ELASTIC:
+            mgr = CheckpointManager(path)
+            seconds, _ = timed_collective(lambda: mgr.load({"app": app}))
+            read, needed = mgr.last_read_stats.bytes_read, mgr.last_read_stats.bytes_needed
+        else:
+            reader = CountingFileSystemReader(path)
+            seconds, _ = timed_collective(lambda: dcp.load({"app": app}, storage_reader=reader))
+            read, needed = reader.bytes_read, reader.bytes_needed
+        cpu = time.process_time() - cpu0
+        rchar = io_delta(before, proc_io()).get("rchar", 0)
+        dist.barrier()
+        out[lib] = {"seconds": seconds, "cpu": cpu, "parts": dict(_T), "dropped": dropped,
+                    "bytes_read": read, "bytes_needed": needed, "rchar": rchar,
+                    "hashes": state_hashes(app) if cfg["verify"] else {}}
+    return out
+
+
+@torch.no_grad()
+def _poison(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    tensors = list(model.parameters())
+    tensors += [v for st in optimizer.state.values() for v in st.values()
+                if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        (t.to_local() if isinstance(t, DTensor) else t).fill_(float("nan"))
+
+
+def _warm_up_loads(directory: str) -> None:
+    """Untimed: load the tiny warm-up checkpoints of the save group with each library."""
+    from elastic_ckpt import CheckpointManager
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    tiny = {"w": distribute_tensor(torch.ones(64, 7), mesh, [Shard(0)])}
+    CheckpointManager(os.path.join(directory, ELASTIC)).load({"t": tiny})
+    dcp.load({"t": tiny}, storage_reader=FileSystemReader(os.path.join(directory, DCP)))
+    if not bool((tiny["w"].to_local() == 0).all()):
+        raise AssertionError("warm-up load returned wrong values")
+    dist.barrier()
+
+
+# -- driver -------------------------------------------------------------------------------------
+def _default_dir() -> str:
+    repo_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return repo_parent if os.access(repo_parent, os.W_OK) else tempfile.gettempdir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gb", type=float, default=2.0,
+                    help="GB of model + AdamW state in total (default 2.0; 0.2 = quick)")
+    ap.add_argument("--dir", default=None,
+                    help="parent directory for the checkpoints (default: a temp dir under "
+                         "the repo's parent, else /tmp); removed afterwards")
+    ap.add_argument("--repeats", type=int, default=1, help="repeat every case (median shown)")
+    ap.add_argument("--no-drop-cache", action="store_true",
+                    help="do not drop the page cache before timed phases")
+    ap.add_argument("--no-verify", action="store_true", help="skip the state hash check")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints on disk")
+    args = ap.parse_args(argv)
+
+    dims = model_dims(args.gb)
+    drop = (not args.no_drop_cache) and can_drop_page_cache()
+    parent = args.dir or _default_dir()
+    os.makedirs(parent, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="ckpt-bench-", dir=parent)
+    info = machine_info()
+    cmd = " ".join(["python", os.path.relpath(__file__)]
+                   + (sys.argv[1:] if argv is None else list(argv)))
+    print(f"command: {cmd}")
+    print(f"machine: {info['cores']} cores ({info['cpu']}), {info['ram']} RAM; "
+          f"python {info['python']}, torch {info['torch']}; {info['os']}")
+    print(f"storage: {root} on {disk_of(root)}")
+    print(f"load average at start: {_loadavg()} (other processes on this machine share its "
+          "cores and disk; timings include their noise)")
+    print(f"model: {dims}; page cache dropped before each timed load: "
+          f"{'yes' if drop else 'NO (reads are warm-cache for both libraries)'}; "
+          "before each timed save: sync only")
+    print(flush=True)
+
+    saves: dict[tuple[int, str], list[dict]] = {}
+    loads: dict[tuple[int, int, str], list[dict]] = {}
+    failures: list[str] = []
+    saved_hashes: dict[tuple[int, str], dict] = {}
+    total_bytes: dict[int, int] = {}
+    started = time.perf_counter()
+    raw: list[dict[str, float]] = []
+
+    def raw_io(when: str) -> None:
+        nbytes = int(args.gb * GB)
+        res = run_group(2, raw_io_phase, {"dir": root, "bytes": nbytes, "drop": drop})
+        w, r = max(x["write"] for x in res), max(x["read"] for x in res)
+        raw.append({"when": when, "bytes": nbytes, "write": w, "read": r})
+        print(f"raw sequential I/O ({when}), 2 ranks x {fmt_bytes(nbytes / 2)}: write+fsync "
+              f"{w:.2f}s ({nbytes / w / GB:.2f} GB/s), {'cold ' if drop else ''}read "
+              f"{r:.2f}s ({nbytes / r / GB:.2f} GB/s)", flush=True)
+
+    try:
+        raw_io("before")
+        for rep in range(args.repeats):
+            rep_dir = os.path.join(root, f"r{rep}")
+            paths = {(w, lib): os.path.join(rep_dir, f"{lib}-w{w}") for w in SAVE_WORLDS
+                     for lib in LIBS}
+            for i, w in enumerate(SAVE_WORLDS):
+                order = LIBS if (rep + i) % 2 == 0 else LIBS[::-1]
+                cfg = {"dims": dims, "verify": not args.no_verify, "drop": drop, "order": order,
+                       "paths": {lib: paths[(w, lib)] for lib in LIBS},
+                       "warmup_dir": os.path.join(rep_dir, f"warmup-w{w}")}
+                t0 = time.perf_counter()
+                res = run_group(w, save_phase, cfg)
+                total_bytes[w] = sum(r["local_bytes"] for r in res)
+                for lib in order:
+                    per_rank = [r["libs"][lib] for r in res]
+                    saves.setdefault((w, lib), []).append(_summarize(per_rank))
+                    saves[(w, lib)][-1]["disk_bytes"] = per_rank[0]["disk_bytes"]
+                    if not args.no_verify:
+                        saved_hashes[(w, lib)] = combine_hashes([r["hashes"] for r in res])
+                print(f"[rep {rep}] save W={w} ({' then '.join(order)}): "
+                      + ", ".join(f"{lib} {saves[(w, lib)][-1]['seconds']:.2f}s "
+                                  f"(cpu {saves[(w, lib)][-1]['cpu']:.2f}s)" for lib in order)
+                      + f"  (group {time.perf_counter() - t0:.0f}s, load avg {_loadavg()})",
+                      flush=True)
+            for i, (w_from, w_to) in enumerate(LOAD_CASES):
+                order = LIBS if (rep + i) % 2 == 0 else LIBS[::-1]
+                cfg = {"dims": dims, "verify": not args.no_verify, "drop": drop, "order": order,
+                       "paths": {lib: paths[(w_from, lib)] for lib in LIBS},
+                       "warmup_dir": os.path.join(rep_dir, f"warmup-w{w_from}")}
+                t0 = time.perf_counter()
+                res = run_group(w_to, load_phase, cfg)
+                line = []
+                for lib in order:
+                    per_rank = [r[lib] for r in res]
+                    summary = _summarize(per_rank)
+                    summary.update(
+                        bytes_read=sum(r["bytes_read"] for r in per_rank),
+                        bytes_needed=sum(r["bytes_needed"] for r in per_rank),
+                        rchar=sum(r["rchar"] for r in per_rank))
+                    status = "not verified"
+                    if not args.no_verify:
+                        bad = compare_hashes(saved_hashes[(w_from, lib)],
+                                             combine_hashes([r["hashes"] for r in per_rank]))
+                        status = "state verified" if not bad else f"MISMATCH in {bad[:5]}"
+                        if bad:
+                            failures.append(f"load {w_from}->{w_to} {lib}: mismatch in "
+                                            f"{len(bad)} entries, e.g. {bad[:5]}")
+                    summary["verified"] = status
+                    loads.setdefault((w_from, w_to, lib), []).append(summary)
+                    line.append(f"{lib} {summary['seconds']:.2f}s (cpu {summary['cpu']:.2f}s), "
+                                f"read {fmt_bytes(summary['bytes_read'])} for "
+                                f"{fmt_bytes(summary['bytes_needed'])}, {status}")
+                print(f"[rep {rep}] load {w_from}->{w_to}: " + "; ".join(line)
+                      + f"  (group {time.perf_counter() - t0:.0f}s, load avg {_loadavg()})",
+                      flush=True)
+            if not args.keep:
+                shutil.rmtree(rep_dir, ignore_errors=True)
+        raw_io("after")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print(f"\nall phases: {time.perf_counter() - started:.0f}s wall; load average at end: "
+          f"{_loadavg()}\n")
+    _report(args, dims, drop, saves, loads, total_bytes, info, cmd, raw)
+    if failures:
+        print("\nFAILED: " + "; ".join(failures))
+        return 1
+    return 0
+
+
+def _loadavg() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def _summarize(per_rank: list[dict]) -> dict[str, Any]:
+    """Max over ranks of the total and of each instrumented part; ``other`` is what the
+    parts' maxima leave of the total (planning, collectives, metadata; >= 0)."""
+    seconds = max(r["seconds"] for r in per_rank)
+    keys = sorted({k for r in per_rank for k in r["parts"]})
+    parts = {k: max(r["parts"].get(k, 0.0) for r in per_rank) for k in keys}
+    parts["other"] = max(0.0, seconds - sum(parts.values()))
+    return {"seconds": seconds, "parts": parts, "cpu": sum(r["cpu"] for r in per_rank),
+            "dropped": any(r.get("dropped") for r in per_rank)}
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _report(args, dims, drop, saves, loads, total_bytes, info, cmd, raw) -> None:
+    rows, detail = [], []
+    for w in SAVE_WORLDS:
+        e, d = _median(saves[(w, ELASTIC)], "seconds"), _median(saves[(w, DCP)], "seconds")
+        nbytes = total_bytes[w]
+        rows.append([f"save W={w}", f"{e:.2f}", f"{d:.2f}", f"{nbytes / e / GB:.2f}",
+                     f"{nbytes / d / GB:.2f}", "-", "-", f"{e / d:.2f}",
+                     _save_verdict(e, d)])
+        for lib in LIBS:
+            detail.append(_detail_row(f"save W={w}", lib, saves[(w, lib)]))
+    for w_from, w_to in LOAD_CASES:
+        er, dr = loads[(w_from, w_to, ELASTIC)], loads[(w_from, w_to, DCP)]
+        e, d = _median(er, "seconds"), _median(dr, "seconds")
+        needed = er[-1]["bytes_needed"]
+        e_amp = er[-1]["bytes_read"] / max(1, er[-1]["bytes_needed"])
+        d_amp = dr[-1]["bytes_read"] / max(1, dr[-1]["bytes_needed"])
+        if w_from == w_to:  # no re-shard: the time target does not apply
+            verdict = ("n/a (no re-shard)" if e_amp <= TARGET_AMP
+                       else f"NO (amp > {TARGET_AMP})")
+        else:
+            misses = ([f"time > {TARGET_LOAD_RATIO}x"] if e / d > TARGET_LOAD_RATIO else []) \
+                + ([f"amp > {TARGET_AMP}"] if e_amp > TARGET_AMP else [])
+            verdict = "yes" if not misses else "NO (" + ", ".join(misses) + ")"
+        rows.append([f"load {w_from}->{w_to}", f"{e:.2f}", f"{d:.2f}",
+                     f"{needed / e / GB:.2f}", f"{dr[-1]['bytes_needed'] / d / GB:.2f}",
+                     f"{e_amp:.4f}", f"{d_amp:.4f}", f"{e / d:.2f}", verdict])
+        for lib, runs in ((ELASTIC, er), (DCP, dr)):
+            detail.append(_detail_row(f"load {w_from}->{w_to}", lib, runs))
+
+    headers = ["case", "elastic_ckpt s", "DCP s", "elastic GB/s", "DCP GB/s",
+               "elastic read amp", "DCP read amp", "elastic/DCP time", "target met"]
+    print(f"## Checkpoint benchmark: {args.gb:g} GB of FSDP2 model + AdamW state\n")
+    print(f"`{cmd}` — {info['cores']} cores ({info['cpu']}), {info['ram']} RAM, "
+          f"torch {info['torch']}, gloo, 1-D CPU mesh. Model {dims}; "
+          f"{fmt_bytes(total_bytes[2])} of tensors. "
+          + ("Page cache dropped before every timed load (cold reads); `sync` before every "
+             "timed save." if drop else
+             "Page cache NOT dropped: reads are warm-cache for both libraries.")
+          + (f" Median of {args.repeats} repeats." if args.repeats > 1 else "") + "\n")
+    print(markdown_table(headers, rows))
+    print("\nSeconds: max over ranks from a common barrier. GB/s: tensor bytes saved (all "
+          "ranks) or needed by the loading ranks / seconds. Read amp: bytes read from storage / "
+          "bytes needed, summed over ranks (elastic_ckpt: `last_read_stats`; DCP: stored length "
+          "of every item in each rank's read plan, which `FileSystemReader` reads whole).\n")
+    print("### Where the time goes (max over ranks, seconds)\n")
+    print(markdown_table(["case", "library", "total", "CPU s (all ranks)", "state_dict",
+                          "write/read", "commit",
+                          "set_state_dict", "other", "syscall read amp", "on disk",
+                          "check"], detail))
+    print("\nstate_dict / set_state_dict: `AppState` (get/set_state_dict). write/read: the "
+          "storage writer's `write_data` (incl. fsync) / reader's `read_data`. commit: "
+          "`finish` on the coordinator (metadata/manifest + marker). other: total minus the "
+          "parts (planning, plan/metadata collectives, barriers). syscall read amp: "
+          "`rchar` of all load ranks / bytes needed (includes metadata/manifest reads). CPU s: "
+          "process CPU time (user+sys, all threads) during the timed call, summed over ranks: "
+          "less sensitive than seconds to what else the machine is running.")
+
+
+def _save_verdict(elastic_s: float, dcp_s: float) -> str:
+    if elastic_s <= dcp_s:
+        return "yes"
+    if elastic_s <= dcp_s * (1 + SAVE_TIE):
+        return f"tie (within {SAVE_TIE:.0%})"
+    return "NO (slower than DCP)"
+
+
+def _detail_row(case: str, lib: str, runs: list[dict]) -> list[str]:
+    r = sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2]
+    p = r["parts"]
+
+    def s(key: str) -> str:
+        return f"{p[key]:.2f}" if key in p else "-"
+
+    amp = (f"{r['rchar'] / max(1, r['bytes_needed']):.4f}" if "rchar" in r else "-")
+    disk = fmt_bytes(r["disk_bytes"]) if "disk_bytes" in r else "-"
+    return [case, lib, f"{r['seconds']:.2f}", f"{r['cpu']:.2f}", s("state_dict"), s("io"),
+            s("commit"), s("set_state"), f"{p['other']:.2f}", amp, disk,
+            r.get("verified", "-")]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
