@@ -172,7 +172,7 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """Everything an elastic training run needs, validated once."""
 
-    max_steps: PositiveInt = 200
+    max_steps: PositiveInt = 500
     """Global optimizer steps to train for."""
     scaling: ScalingConfig = ScalingConfig()
     """Worker counts and resources."""
@@ -190,7 +190,7 @@ class TrainConfig(_Section):
     """``bf16``: bf16 parameters for compute, fp32 gradient reduction (GPU)."""
     seed: int = Field(0, ge=0)
     """Seed of model initialization and of per-step RNG."""
-    log_interval_steps: PositiveInt = 10
+    log_interval_steps: PositiveInt = 25
     """Print progress every this many steps."""
     run_dir: str = "./runs/latest"
     """Where the event timeline (events.jsonl) and metrics are written."""

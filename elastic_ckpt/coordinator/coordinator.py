@@ -46,6 +46,7 @@ POLL_INTERVAL_S = 0.1
 CLUSTER_POLL_INTERVAL_S = 0.5
 PLACEMENT_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 600.0
+REPORT_GRACE_S = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,10 @@ class Coordinator:
     def _starting(self, state: Starting) -> State:
         event = state.event
         t0 = time.time()
-        size = state.target or self.scaling.start_size(self._observe_capacity(force=True))
+        fresh = self.scaling.start_size(self._observe_capacity(force=True))
+        # Nodes that joined since the decision count too (one resize for a burst of joins);
+        # the decided target wins if the view still shows our just-freed bundles as used.
+        size = max(filter(None, (state.target, fresh)), default=None)
         # Resource views lag behind node deaths and freed bundles; try the size, and shrink
         # to what the cluster then reports if it does not fit.
         while size is not None:
@@ -166,6 +170,7 @@ class Coordinator:
         if poll.failure is not None:
             return self._on_failure(poll.failure)
         if poll.finished:
+            self._await_reports(poll, state.event, state.started_s)
             return Finished()
         decision = self._scaling_decision()
         if state.event is not None:
@@ -190,7 +195,7 @@ class Coordinator:
         deadline = self._drain_deadline()
         poll = self.group.wait_stopped(
             STOP_TIMEOUT_S if deadline is None else max(1.0, deadline - time.time()))
-        self._ingest(poll, Running(event, t0))  # the ranks' stop checkpoint -> "save"
+        self._await_reports(poll, event, t0)
         event.phases["drain"] = time.time() - t0
         if poll.failure is not None:
             return self._on_failure(poll.failure)
@@ -237,7 +242,9 @@ class Coordinator:
                 f"{timeout:.0f}s (scaling.capacity_timeout_s). Add capacity or lower "
                 f"min_workers; the last committed checkpoint is "
                 f"{latest.uri if latest else 'none'}.")
-        time.sleep(CLUSTER_POLL_INTERVAL_S)
+        # Right after a teardown the view still counts the freed bundles: look again soon.
+        recent = time.time() - state.since_s < 5.0
+        time.sleep(POLL_INTERVAL_S if recent else CLUSTER_POLL_INTERVAL_S)
         return state
 
     # -- helpers ----------------------------------------------------------------------------
@@ -268,6 +275,18 @@ class Coordinator:
                 self._progress_events.append(event)
             return Running(None, state.started_s)
         return state
+
+    def _await_reports(self, poll: GroupPoll, event: ScalingEvent | None, t0: float) -> None:
+        """Fold in every report the stopped ranks sent (their last step and the stop
+        checkpoint); fire-and-forget calls may land just after ``run()`` returned."""
+        deadline = time.time() + REPORT_GRACE_S
+        while True:
+            self._ingest(poll, Running(event, t0))  # the stop checkpoint -> phases["save"]
+            sent = self.group.reports_sent
+            if time.time() > deadline or all(
+                    self._next_seq.get(rank, 0) >= n for rank, n in enumerate(sent)):
+                return
+            time.sleep(0.01)
 
     def _in_order(self) -> list[tuple[int, str, Any]]:
         """Reports of the current group, each rank's in the order it sent them; a report

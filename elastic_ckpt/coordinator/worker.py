@@ -40,9 +40,10 @@ class TrainWorker:
             s.bind((ip, 0))
             return ip, s.getsockname()[1]
 
-    def run(self, spec: RankSpec, generation: int, sink: Any) -> RankResult:
+    def run(self, spec: RankSpec, generation: int, sink: Any) -> tuple[RankResult, int]:
         """Train as rank ``spec.rank`` of group ``generation`` until max_steps or a stop
-        request; collective over the group."""
+        request; collective over the group. Returns the result and how many reports were
+        sent (so the sink can wait for the last ones)."""
         started = time.perf_counter()
         seq = itertools.count()
 
@@ -55,7 +56,8 @@ class TrainWorker:
                           on_event=lambda name, fields: report("event", (name, fields)))
         with process_group(spec):
             report("event", ("rendezvous", {"seconds": time.perf_counter() - started}))
-            return self.job.trainer(hooks, spec.device).run()
+            result = self.job.trainer(hooks, spec.device).run()
+        return result, next(seq)
 
     def request_stop(self) -> None:
         """Stop at the next step boundary, with a checkpoint (the group agrees on the step)."""

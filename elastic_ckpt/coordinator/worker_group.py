@@ -53,6 +53,12 @@ class WorkerGroup:
         self.run_refs: list[Any] = []
         self.node_ids: list[str] = []
         self._results: list[RankResult | None] = []
+        self._reports_sent: list[int] = []
+
+    @property
+    def reports_sent(self) -> list[int]:
+        """Per rank, the reports a finished rank sent (0 while it runs)."""
+        return list(self._reports_sent)
 
     @property
     def size(self) -> int:
@@ -93,6 +99,7 @@ class WorkerGroup:
         self.node_ids = ray.get([a.node_id.remote() for a in self.actors])
         addr, port = ray.get(self.actors[0].rendezvous_address.remote())
         self._results = [None] * n
+        self._reports_sent = [0] * n
         self.generation += 1
         self.run_refs = [
             actor.run.remote(RankSpec(rank=r, world_size=n, master_addr=addr, master_port=port,
@@ -110,7 +117,7 @@ class WorkerGroup:
             if self._results[rank] is not None:
                 continue
             try:
-                self._results[rank] = ray.get(ref)
+                self._results[rank], self._reports_sent[rank] = ray.get(ref)
             except RayError as exc:
                 failures.append(_classify(exc, rank))
         # A peer's death surfaces in the survivors as collective errors; report the death.
