@@ -160,3 +160,15 @@ def test_max_failures_exceeded_raises_and_keeps_checkpoint(tmp_path):
     latest = CheckpointManager(config.checkpoint.uri).latest()
     assert latest is not None and latest.step >= 8
     verify(latest.uri)
+
+
+def test_too_few_workers_waits_then_fails_clearly(tmp_path):
+    config = tiny_config(tmp_path, max_steps=10, scaling__min_workers=2,
+                         scaling__max_workers=2, scaling__capacity_timeout_s=3)
+    faults = Faults(tmp_path / "faults")
+    with loopback_cluster(num_nodes=1):
+        run = Run(**trainer_kwargs(config, faults))
+        with pytest.raises(TrainingFailedError,
+                           match=r"only 1 worker.*min_workers=2.*capacity_timeout_s"):
+            run.join(120)
+    assert run.steps == []
