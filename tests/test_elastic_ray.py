@@ -133,8 +133,8 @@ def test_worker_crash_mid_step_and_during_save(tmp_path):
         wait_for(lambda: run.reached(6, world_size=2), 180, "step 6")
         faults.set("crash-rank-1")  # rank 1 exits in its next micro-batch
         wait_for(lambda: not faults.is_set("crash-rank-1"), 60, "the crash")
-        wait_for(lambda: run.reached(14, world_size=2), 240, "recovery")
-        faults.set("crash-in-save-rank-1")  # rank 1 exits inside the next save
+        wait_for(lambda: run.reached(14), 240, "recovery")
+        faults.set("crash-in-save-rank-0")  # rank 0 exits inside the next save
         result = run.join()
     failures = [e for e in result.events if e.kind == "failure"]
     assert len(failures) == 2

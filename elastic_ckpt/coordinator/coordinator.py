@@ -80,6 +80,7 @@ class Coordinator:
         self._capacity = (0, time.time())  # (value, when it last changed)
         self._last_cluster_poll = 0.0
         self._draining: frozenset[str] = frozenset()
+        self._released: dict[str, int] = {}  # node -> bundles of the group just torn down
         self._lock = threading.Lock()
         self._progress: list[StepMetrics] = []
         self._progress_events: list[ScalingEvent] = []
@@ -150,6 +151,7 @@ class Coordinator:
                     size = None
         if size is None:
             return Waiting(event, since_s=time.time())
+        self._released = {}
         event.phases["placement"] = time.time() - t0
         self._pending.clear()
         self._next_seq.clear()
@@ -205,7 +207,7 @@ class Coordinator:
                                             "ranks did not stop before the deadline"))
         event.at_step = self.last_step
         t1 = time.time()
-        self.group.shutdown()
+        self._teardown()
         event.phases["teardown"] = time.time() - t1
         if self.last_step >= self.config.max_steps:
             return Finished()
@@ -214,7 +216,7 @@ class Coordinator:
     def _recovering(self, state: Recovering) -> State:
         event = state.event
         t0 = time.time()
-        self.group.shutdown()  # survivors die now, not after a collective timeout
+        self._teardown()  # survivors die now, not after a collective timeout
         event.phases["teardown"] = time.time() - t0
         decision = self.failure_policy.decide(state.failure, self.failures)
         if self.failure_policy.counts(state.failure):
@@ -248,6 +250,13 @@ class Coordinator:
         return state
 
     # -- helpers ----------------------------------------------------------------------------
+    def _teardown(self) -> None:
+        # Ray's resource view shows the freed bundles as used for a moment after the kill;
+        # until the next group is placed, count them as ours so the restart size is right
+        # (a dead node's bundles drop out with the node).
+        self._released = self.group.bundles_per_node()
+        self.group.shutdown()
+
     def _on_failure(self, failure: Failure) -> State:
         if failure.kind in (FailureKind.WORKER_DIED, FailureKind.NODE_DIED) and \
                 self._draining & set(self.group.node_ids):
@@ -343,7 +352,8 @@ class Coordinator:
             self._last_cluster_poll = now
             snap = self.cluster.snapshot()
             self._draining = snap.draining_ids
-            capacity = snap.capacity(self.config.scaling.bundle, self.group.bundles_per_node())
+            own = self.group.bundles_per_node() or self._released
+            capacity = snap.capacity(self.config.scaling.bundle, own)
             if capacity != self._capacity[0]:
                 self._capacity = (capacity, now)
         return self._capacity[0]

@@ -17,6 +17,7 @@ from elastic_ckpt.coordinator.worker import TrainWorker
 from elastic_ckpt.errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
 from elastic_ckpt.train import RankResult, RankSpec, TrainJob
 
+ACTOR_START_TIMEOUT_S = 180.0
 _FATAL = (ConfigError, CheckpointMismatchError, CheckpointCorruptError)
 _PRIORITY = {FailureKind.FATAL: 0, FailureKind.PREEMPTED: 1, FailureKind.NODE_DIED: 2,
              FailureKind.WORKER_DIED: 3, FailureKind.TRAINING_ERROR: 4}
@@ -96,8 +97,11 @@ class WorkerGroup:
             ).remote(self.job)
             for i in range(n)
         ]
-        self.node_ids = ray.get([a.node_id.remote() for a in self.actors])
-        addr, port = ray.get(self.actors[0].rendezvous_address.remote())
+        # Bounded: an actor that never comes up is a failure, not a hang.
+        self.node_ids = ray.get([a.node_id.remote() for a in self.actors],
+                                timeout=ACTOR_START_TIMEOUT_S)
+        addr, port = ray.get(self.actors[0].rendezvous_address.remote(),
+                             timeout=ACTOR_START_TIMEOUT_S)
         self._results = [None] * n
         self._reports_sent = [0] * n
         self.generation += 1
