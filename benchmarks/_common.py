@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import platform
-import socket
 import subprocess
 import time
 import traceback
@@ -20,16 +19,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from elastic_ckpt.train.local import free_port
+
 GB = 1e9
 
 
 # -- process groups -----------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple,
            queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

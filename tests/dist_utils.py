@@ -6,7 +6,6 @@ import dataclasses
 import os
 import pickle
 import queue as queue_module
-import socket
 import time
 import traceback
 from typing import Any, Callable, Literal
@@ -15,11 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from elastic_ckpt.train.local import free_port
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,14 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from elastic_ckpt.train.local import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -60,7 +55,7 @@ def _stop_ray(temp_dir: str) -> None:
 
 def test_ray_job_submit_default_job(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: unix socket paths
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     try:
         started = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                        f"--temp-dir={temp_dir}", "--include-dashboard=true",

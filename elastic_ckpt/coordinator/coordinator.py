@@ -79,7 +79,7 @@ class Coordinator:
         self.restored_step: int | None = None
         self._capacity = (0, time.time())  # (value, when it last changed)
         self._last_cluster_poll = 0.0
-        self._draining: frozenset[str] = frozenset()
+        self._drain_deadlines: dict[str, float | None] = {}  # draining node -> deadline
         self._released: dict[str, int] = {}  # node -> bundles of the group just torn down
         self._lock = threading.Lock()
         self._progress: list[StepMetrics] = []
@@ -222,12 +222,11 @@ class Coordinator:
         if self.failure_policy.counts(state.failure):
             self.failures += 1
         if decision is FailureDecision.RAISE:
-            latest = CheckpointManager(self.config.checkpoint.uri).latest()
             return Failed(
                 f"training failed: {state.failure.message} ({state.failure.kind.value}; "
                 f"{self.failures} failure(s), failure.max_failures="
                 f"{self.config.failure.max_failures}). Last committed checkpoint: "
-                f"{latest.uri if latest else 'none'}; fit() resumes from it when re-run.")
+                f"{self._latest_uri()}; fit() resumes from it when re-run.")
         return Starting(event)
 
     def _waiting(self, state: Waiting) -> State:
@@ -237,13 +236,11 @@ class Coordinator:
             return Starting(state.event)
         timeout = self.config.scaling.capacity_timeout_s
         if timeout is not None and time.time() - state.since_s > timeout:
-            latest = CheckpointManager(self.config.checkpoint.uri).latest()
             return Failed(
                 f"only {capacity} worker(s) of {self.config.scaling.bundle} fit, fewer than "
                 f"scaling.min_workers={self.config.scaling.min_workers}, for "
                 f"{timeout:.0f}s (scaling.capacity_timeout_s). Add capacity or lower "
-                f"min_workers; the last committed checkpoint is "
-                f"{latest.uri if latest else 'none'}.")
+                f"min_workers; the last committed checkpoint is {self._latest_uri()}.")
         # Right after a teardown the view still counts the freed bundles: look again soon.
         recent = time.time() - state.since_s < 5.0
         time.sleep(POLL_INTERVAL_S if recent else CLUSTER_POLL_INTERVAL_S)
@@ -259,7 +256,7 @@ class Coordinator:
 
     def _on_failure(self, failure: Failure) -> State:
         if failure.kind in (FailureKind.WORKER_DIED, FailureKind.NODE_DIED) and \
-                self._draining & set(self.group.node_ids):
+                self._draining_workers():
             failure = dataclasses.replace(failure, kind=FailureKind.PREEMPTED)
         return Recovering(failure, ScalingEvent(
             "failure", failure.message, from_workers=self.group.size, at_step=self.last_step,
@@ -351,7 +348,8 @@ class Coordinator:
         if force or now - self._last_cluster_poll >= CLUSTER_POLL_INTERVAL_S:
             self._last_cluster_poll = now
             snap = self.cluster.snapshot()
-            self._draining = snap.draining_ids
+            self._drain_deadlines = {n.node_id: n.drain_deadline_s
+                                     for n in snap.nodes if n.draining}
             own = self.group.bundles_per_node() or self._released
             capacity = snap.capacity(self.config.scaling.bundle, own)
             if capacity != self._capacity[0]:
@@ -363,15 +361,22 @@ class Coordinator:
         obs = Observation(
             now_s=time.time(), num_workers=self.group.size, capacity=capacity,
             capacity_changed_s=self._capacity[1],
-            draining_workers=sum(n in self._draining for n in self.group.node_ids),
+            draining_workers=self._draining_workers(),
             last_resize_s=self._resumed_s)
         return self.scaling.decide(obs)
 
     def _drain_deadline(self) -> float | None:
-        snap = self.cluster.snapshot()
-        deadlines = [n.drain_deadline_s for n in snap.nodes
-                     if n.node_id in set(self.group.node_ids) and n.drain_deadline_s]
+        """The earliest drain deadline among the group's nodes, as last observed."""
+        deadlines = [d for node, d in self._drain_deadlines.items()
+                     if node in self.group.node_ids and d]
         return min(deadlines) if deadlines else None
+
+    def _draining_workers(self) -> int:
+        return sum(n in self._drain_deadlines for n in self.group.node_ids)
+
+    def _latest_uri(self) -> str:
+        latest = CheckpointManager(self.config.checkpoint.uri).latest()
+        return latest.uri if latest else "none"
 
     def _request_resources(self, num_workers: int) -> None:
         if not self.config.scaling.request_resources:
