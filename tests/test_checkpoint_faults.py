@@ -389,3 +389,113 @@ def test_multi_rank_resave_of_committed_step_raises_everywhere(dist_damaged) -> 
     for out in results:
         name, message, _ = out["resave committed"]
         assert name == CheckpointSaveError.__name__ and "already committed" in message
+
+
+# -- falling back past a corrupt latest checkpoint ----------------------------------------------
+@pytest.fixture
+def two_steps(tmp_path) -> tuple[Path, dict[int, dict[str, Any]]]:
+    """Checkpoints at steps 1 and 2 (different states) under one root."""
+    root = tmp_path / "two"
+    return root, {s: save_state(str(root), s, block_size_bytes=BLOCK) for s in (1, 2)}
+
+
+def _flip_a_byte(step_dir: Path) -> None:
+    data = next(p for p in sorted(step_dir.iterdir()) if p.suffix == ".bin")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["data", "manifest"])
+def test_fallback_loads_the_next_older_and_quarantines_the_corrupt_one(two_steps, damage):
+    root, states = two_steps
+    step2 = root / step_dirname(2)
+    if damage == "data":
+        _flip_a_byte(step2)
+    else:
+        (step2 / "manifest.json").write_bytes(b"{")
+    with pytest.raises(CheckpointCorruptError):  # strict by default: no silent fallback
+        load_state(str(root))
+    assert not (step2 / "CORRUPT").exists()
+
+    model, opt = cm.build(seed=999)
+    mgr = CheckpointManager(str(root))
+    info = mgr.load({"app": AppState(model, opt)}, fallback=True)
+    assert info.step == 1
+    cm.assert_same(states[1], cm.full_state(model, opt))
+    [(skipped, why)] = mgr.last_skipped
+    assert skipped == 2 and ("manifest.json" in why or ".bin" in why), why
+    marker = json.loads((step2 / "CORRUPT").read_text())
+    assert marker["reason"] == why
+    assert sorted(p.name for p in step2.iterdir()) >= ["COMMITTED", "CORRUPT"]  # kept
+    assert [i.step for i in mgr.list()] == [1] and mgr.latest().step == 1
+    with pytest.raises(CheckpointCorruptError, match="marked corrupt by an earlier load"):
+        load_state(str(root), step=2)
+    # The resumed run re-saves step 2: the quarantined directory is replaced.
+    again = save_state(str(root), 2)
+    assert not (step2 / "CORRUPT").exists()
+    state, info = load_state(str(root))
+    assert info.step == 2
+    cm.assert_same(again, state)
+
+
+def test_list_and_latest_skip_an_unreadable_manifest(two_steps):
+    root, _ = two_steps
+    (root / step_dirname(2) / "manifest.json").write_bytes(b"[]")
+    mgr = CheckpointManager(str(root))
+    assert [i.step for i in mgr.list()] == [1]
+    assert mgr.latest().step == 1
+
+
+def test_fallback_with_every_checkpoint_corrupt_raises(two_steps):
+    root, _ = two_steps
+    for s in (1, 2):
+        _flip_a_byte(root / step_dirname(s))
+    model, opt = cm.build(seed=999)
+    with pytest.raises(CheckpointCorruptError, match="every committed checkpoint") as err:
+        CheckpointManager(str(root)).load({"app": AppState(model, opt)}, fallback=True)
+    assert "steps 2, 1" in str(err.value)
+    assert CheckpointManager(str(root)).latest() is None
+
+
+def fallback_ranks(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Collective: load with fallback (the damage is seen by some ranks only)."""
+    model, opt = cm.build(seed=999)
+    mgr = CheckpointManager(root)
+    info = mgr.load({"app": AppState(model, opt)}, fallback=True)
+    return {"step": info.step, "skipped": [s for s, _ in mgr.last_skipped],
+            "state": cm.full_state(model, opt)}
+
+
+def one_rank_cannot_open(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Collective: rank 1 alone fails to read the manifest (a flaky mount, say): every rank
+    must raise the same typed error instead of the others blocking in ``dcp.load``."""
+    from elastic_ckpt.checkpoint import catalog
+
+    if rank == 1:
+        def broken(self, step):
+            raise CheckpointCorruptError("manifest.json unreadable here", file="manifest.json")
+        catalog.Catalog.open = broken
+    model, opt = cm.build(seed=999)
+    try:
+        CheckpointManager(root).load({"app": AppState(model, opt)})
+    except CheckpointCorruptError as exc:
+        return {"error": str(exc), "rank_detail": exc.details.get("rank")}
+    return {"error": None}
+
+
+@pytest.mark.dist
+def test_multi_rank_fallback_and_one_sided_manifest_failure(two_steps, tmp_path):
+    root, states = two_steps
+    # The flipped byte sits in rows that only some of the 3 ranks read; all must fall back.
+    _flip_a_byte(root / step_dirname(2))
+    results = run_ranks(3, fallback_ranks, str(root), timeout_s=180)
+    assert [(r["step"], r["skipped"]) for r in results] == [(1, [2])] * 3
+    for r in results:
+        cm.assert_same(states[1], r["state"])
+
+    intact = tmp_path / "intact"
+    save_state(str(intact), 1)
+    outs = run_ranks(2, one_rank_cannot_open, str(intact), timeout_s=120)
+    assert all(o["error"] and o["error"].endswith("manifest.json unreadable here") for o in outs)
+    assert outs[0]["error"].startswith("rank 1: ") and outs[0]["rank_detail"] == 1

@@ -85,6 +85,20 @@ def test_ls_json(root, capsys):
     assert entries[2]["bytes_on_disk"] == 100 and entries[2]["has_manifest"] is False
 
 
+def test_ls_shows_a_checkpoint_quarantined_by_a_fallback_load(root, capsys):
+    flip_byte(str(root / "step-00000020"), "model.w")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        mgr = CheckpointManager(str(root))
+        info = mgr.load(model_state(3), fallback=True)
+    assert info.step == 10 and [s for s, _ in mgr.last_skipped] == [20]
+    code, out, _ = run(capsys, "ls", root)
+    rows = [line.split() for line in out.splitlines() if line.strip()[:2].isdigit()]
+    assert code == 0 and [(r[0], r[1]) for r in rows] == [
+        ("10", "committed"), ("20", "CORRUPT"), ("30", "UNCOMMITTED")]
+    assert "step 20 was marked CORRUPT" in out and "model.w" in out
+
+
 def test_ls_empty_missing_and_wrong_level(tmp_path, root, capsys):
     (tmp_path / "empty").mkdir()
     assert run(capsys, "ls", tmp_path / "empty")[1].startswith("no checkpoints under")

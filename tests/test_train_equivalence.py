@@ -154,6 +154,29 @@ def test_resize_2_3_1_matches_uninterrupted_and_same_size_resume_is_exact(tmp_pa
     assert all(torch.equal(params[k], ref_params[k]) for k in ref_params)
 
 
+# -- 1b. a corrupt latest checkpoint: resume from the one before, bit-identically -------------
+@pytest.mark.timeout(180)
+def test_resume_falls_back_past_a_corrupt_latest_checkpoint(tmp_path):
+    from elastic_ckpt import CheckpointManager
+
+    uri = tmp_path / "run"
+    cfg = smallest_config(str(uri), max_steps=6, interval_steps=2)  # saves 2, 4, 6
+    first = _segment(run_ranks(2, run_segments, [Segment(cfg)]), 0)
+    step6 = uri / "step-00000006"
+    data = step6 / "rank-00001.bin"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    data.write_bytes(bytes(raw))
+
+    again = _segment(run_ranks(2, run_segments, [Segment(cfg)]), 0)
+    assert [(o["restored_step"], o["skipped"], o["final_step"]) for o in again] == [
+        (4, [6], 6)] * 2
+    # Steps 5 and 6 re-run exactly as before (same W, same samples), and step 6 is saved anew.
+    assert _by_step([again]) == {s: r for s, r in _by_step([first]).items() if s > 4}
+    assert not (step6 / "CORRUPT").exists()
+    assert CheckpointManager(str(uri)).latest().step == 6
+
+
 # -- 2. a checkpoint written at any W' in 1..4 resumes at any W in 1..4 -------------------------
 SAVE_AT, RESUME_STEPS = 2, 2
 WORLD_SIZES = (1, 2, 3, 4)

@@ -109,6 +109,7 @@ def run_segment(rank: int, world_size: int, seg: Segment) -> dict[str, Any]:
                   for m in steps],
         "restored_step": result.restored_step,
         "restored_from_world_size": restored.get("from_world_size"),
+        "skipped": [c["step"] for c in restored.get("skipped", [])],
         "final_step": result.final_step,
         "stopped": result.stopped,
         "checkpoint_step": None if result.checkpoint is None else result.checkpoint.step,

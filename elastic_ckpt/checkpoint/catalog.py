@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from typing import Any
 
 from elastic_ckpt.checkpoint.manifest import (
     COMMITTED_FILE,
+    CORRUPT_FILE,
     MANIFEST_FILE,
     Manifest,
     decode_json_value,
@@ -18,6 +21,7 @@ from elastic_ckpt.errors import (
     CheckpointCorruptError,
     CheckpointNotCommittedError,
     CheckpointNotFoundError,
+    StorageError,
 )
 from elastic_ckpt.storage import Storage
 
@@ -50,19 +54,37 @@ class Catalog:
         self.root = root
 
     def scan(self) -> tuple[list[int], list[int]]:
-        """``(committed steps, uncommitted steps)``, each ascending."""
-        committed, uncommitted = [], []
+        """``(committed steps, uncommitted steps)``, each ascending. Committed checkpoints a
+        load quarantined as corrupt (see ``quarantined``) are in neither list."""
+        committed, uncommitted, _ = self._scan()
+        return committed, uncommitted
+
+    def quarantined(self) -> list[int]:
+        """Committed steps marked ``CORRUPT`` by a load that fell back past them, ascending."""
+        return self._scan()[2]
+
+    def _scan(self) -> tuple[list[int], list[int], list[int]]:
+        committed, uncommitted, quarantined = [], [], []
         for name, is_dir in self.root.listdir():
             step = parse_step_dirname(name)
             if step is None or not is_dir:
                 continue
-            marker = f"{name}/{COMMITTED_FILE}"
-            (committed if self.root.exists(marker) else uncommitted).append(step)
-        return committed, uncommitted
+            if not self.root.exists(f"{name}/{COMMITTED_FILE}"):
+                uncommitted.append(step)
+            elif self.root.exists(f"{name}/{CORRUPT_FILE}"):
+                quarantined.append(step)
+            else:
+                committed.append(step)
+        return sorted(committed), sorted(uncommitted), sorted(quarantined)
 
     def latest_step(self) -> int | None:
         committed, _ = self.scan()
         return committed[-1] if committed else None
+
+    def quarantine(self, step: int, reason: str) -> None:
+        """Mark committed checkpoint ``step`` corrupt (its files stay, for inspection)."""
+        record = {"reason": reason, "unix_s": time.time()}
+        self.directory(step).write_atomic(CORRUPT_FILE, json.dumps(record).encode())
 
     def directory(self, step: int) -> Storage:
         return self.root.child(step_dirname(step))
@@ -89,6 +111,12 @@ def open_checkpoint(directory: Storage) -> tuple[Storage, Manifest]:
             f"({'manifest present' if has_manifest else 'no manifest'}): the save that wrote "
             "it crashed or is still running. It is never loaded; use an earlier checkpoint.",
             path=directory.uri)
+    if directory.exists(CORRUPT_FILE):
+        raise CheckpointCorruptError(
+            f"{directory.uri} was marked corrupt by an earlier load "
+            f"({quarantine_reason(directory)}); it is kept only for inspection. If you repaired "
+            f"it, delete {directory.uri_of(CORRUPT_FILE)} and run `elastic-ckpt verify` on it.",
+            path=directory.uri, file=CORRUPT_FILE)
     manifest = read_manifest(directory)
     named = parse_step_dirname(directory.uri.rstrip("/").rsplit("/", 1)[-1])
     if named is not None and named != manifest.step:
@@ -97,3 +125,11 @@ def open_checkpoint(directory: Storage) -> tuple[Storage, Manifest]:
             f"{manifest.step}; the directory was renamed or its manifest replaced",
             path=directory.uri, file="manifest.json")
     return directory, manifest
+
+
+def quarantine_reason(directory: Storage) -> str:
+    """Why a load marked ``directory`` CORRUPT (from its marker)."""
+    try:
+        return str(json.loads(directory.read_bytes(CORRUPT_FILE)).get("reason"))
+    except (ValueError, AttributeError, StorageError):
+        return "the CORRUPT marker cannot be read"

@@ -30,6 +30,7 @@ from elastic_ckpt.checkpoint.reader import ReadStats, ShardReader
 from elastic_ckpt.checkpoint.retention import steps_to_delete, validate_retention
 from elastic_ckpt.checkpoint.writer import PhaseCallback, ShardWriter
 from elastic_ckpt.errors import (
+    CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointSaveError,
@@ -37,8 +38,9 @@ from elastic_ckpt.errors import (
     StorageError,
 )
 
-log = logging.getLogger(__name__)
 from elastic_ckpt.storage import Storage
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE_BYTES = 1 << 15
 """32 KiB checksum blocks: a re-shard reads at most one partial block beyond each end of each
@@ -78,17 +80,34 @@ class CheckpointManager:
         self.on_phase = on_phase
         self.last_read_stats = ReadStats()
         self.last_timings: dict[str, float] = {}
+        self.last_skipped: list[tuple[int, str]] = []
+        """``(step, error)`` of each corrupt checkpoint the last ``load(fallback=True)``
+        skipped (and marked CORRUPT), newest first."""
 
     # -- queries (local) ---------------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first."""
+        """Committed checkpoints whose manifest reads, oldest first. A committed checkpoint
+        whose manifest cannot be read or validated is left out, with a warning (`elastic-ckpt
+        ls` shows it as unreadable)."""
         committed, _ = self.catalog.scan()
-        return [self.catalog.info(step) for step in committed]
+        return [info for info in map(self._info_or_none, committed) if info is not None]
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint, or None."""
-        step = self.catalog.latest_step()
-        return None if step is None else self.catalog.info(step)
+        """The newest committed checkpoint whose manifest reads, or None."""
+        committed, _ = self.catalog.scan()
+        for step in reversed(committed):
+            info = self._info_or_none(step)
+            if info is not None:
+                return info
+        return None
+
+    def _info_or_none(self, step: int) -> CheckpointInfo | None:
+        try:
+            return self.catalog.info(step)
+        except CheckpointError as exc:
+            log.warning("skipping committed checkpoint step %d under %s: %s", step, self.uri,
+                        exc)
+            return None
 
     # -- collectives -------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, Any]) -> CheckpointInfo:
@@ -129,16 +148,56 @@ class CheckpointManager:
                               created_unix_s=time.time(), num_tensors=len(tensors),
                               extra=decode_json_value(extra))
 
-    def load(self, state: dict[str, Any], step: int | None = None) -> CheckpointInfo:
+    def load(self, state: dict[str, Any], step: int | None = None, *,
+             fallback: bool = False) -> CheckpointInfo:
         """Load checkpoint ``step`` (default: the latest committed) into ``state`` in place,
-        re-sharding to the current world size. Collective."""
-        if step is None:
-            step = self._broadcast(self.catalog.latest_step())
-            if step is None:
-                raise CheckpointNotFoundError(
-                    f"no committed checkpoint under {self.uri}", path=self.uri)
+        re-sharding to the current world size. Collective.
+
+        A missing, uncommitted or corrupt checkpoint raises a typed error on every rank. With
+        ``fallback=True`` (and no ``step``), a corrupt latest checkpoint is instead marked
+        ``CORRUPT`` (kept on storage, no longer listed) and the next older committed one is
+        loaded, and so on; ``last_skipped`` then names what was skipped and why. State a
+        failed attempt half-wrote is overwritten in full by the checkpoint that loads; if none
+        loads, the last error is raised.
+        """
+        self.last_skipped = []
+        if step is not None:
+            return self._load_step(state, step)
+        committed, _ = self.catalog.scan() if self._rank() == 0 else (None, None)
+        committed = self._broadcast(committed)
+        if not committed:
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint under {self.uri}", path=self.uri)
+        if not fallback:
+            return self._load_step(state, committed[-1])
+        for candidate in reversed(committed):
+            try:
+                return self._load_step(state, candidate)
+            except CheckpointCorruptError as exc:
+                error = exc
+                log.warning("checkpoint step %d under %s is corrupt; marking it CORRUPT and "
+                            "trying the next older one: %s", candidate, self.uri, exc)
+                self.last_skipped.append((candidate, str(exc)))
+                self._quarantine(candidate, str(exc))
+        raise CheckpointCorruptError(
+            f"every committed checkpoint under {self.uri} is corrupt (steps "
+            f"{', '.join(str(s) for s, _ in self.last_skipped)}; all now marked CORRUPT). The "
+            f"newest error: {self.last_skipped[0][1]}", path=self.uri) from error
+
+    def _load_step(self, state: dict[str, Any], step: int) -> CheckpointInfo:
         started = time.perf_counter()
-        directory, manifest = self.catalog.open(step)
+        opened: tuple[Storage, Any] | None = None
+        failure: BaseException | None = None
+        try:
+            opened = self.catalog.open(step)
+        except Exception as exc:  # agreed on below, whatever it is
+            failure = exc
+        # Every rank reads the manifest itself; all must agree before entering dcp.load, or
+        # a rank that failed would leave the others blocked in its collectives.
+        failure = self._first_failure(failure)
+        if failure is not None:
+            raise failure
+        directory, manifest = opened
         dcp_state, _ = _split_state(state)
         reader = ShardReader(directory, manifest, num_threads=self.read_threads)
         self._run_dcp(lambda: dcp.load(dcp_state, storage_reader=reader,
@@ -153,6 +212,16 @@ class CheckpointManager:
         self.last_timings = {"load_s": time.perf_counter() - started}
         return info
 
+    def _quarantine(self, step: int, reason: str) -> None:
+        """Collective: rank 0 writes the CORRUPT marker; everyone waits until it is durable."""
+        if self._rank() == 0:
+            try:
+                self.catalog.quarantine(step, reason)
+            except StorageError as exc:  # the fallback still works; only the marker is lost
+                log.warning("could not mark checkpoint step %d corrupt: %s", step, exc)
+        if dist.is_initialized() and self._world_size() > 1:
+            dist.barrier(group=self.process_group)
+
     # -- internals ---------------------------------------------------------------------------
     def _prepare_directory(self, step: int, name: str) -> None:
         committed, uncommitted = self.catalog.scan()
@@ -162,6 +231,10 @@ class CheckpointManager:
                 "checkpoints are immutable. Save under a new step or delete it first.",
                 step=step)
         if step in uncommitted:  # debris of a crashed save of the same step
+            self.root.remove_tree(name)
+        elif step in self.catalog.quarantined():  # a run that fell back past it re-saves it
+            log.warning("replacing %s, marked corrupt by an earlier load, with a new save",
+                        self.root.uri_of(name))
             self.root.remove_tree(name)
         self.root.makedirs(name)
 
@@ -188,6 +261,23 @@ class CheckpointManager:
 
     def _world_size(self) -> int:
         return dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+
+    def _first_failure(self, failure: BaseException | None) -> BaseException | None:
+        """Collective: the lowest rank's failure (as it raised it, rank named), or None."""
+        if not dist.is_initialized() or self._world_size() == 1:
+            return failure
+        gathered: list[Any] = [None] * self._world_size()
+        dist.all_gather_object(gathered, failure, group=self.process_group)
+        for rank, exc in enumerate(gathered):
+            if exc is None:
+                continue
+            if rank == self._rank():
+                return failure
+            if isinstance(exc, ElasticCkptError):
+                return type(exc)(f"rank {rank}: {exc.message}", rank=rank,
+                                 **{k: v for k, v in exc.details.items() if k != "rank"})
+            return exc
+        return None
 
     def _broadcast(self, value: Any) -> Any:
         if not dist.is_initialized() or self._world_size() == 1:

@@ -26,6 +26,9 @@ FORMAT_NAME = "elastic_ckpt"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 COMMITTED_FILE = "COMMITTED"
+CORRUPT_FILE = "CORRUPT"
+"""Written (JSON: reason, time) into a committed checkpoint found corrupt by a load with
+``fallback=True``; such a checkpoint is no longer listed or loaded, but kept for inspection."""
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _DATA_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 

@@ -10,7 +10,7 @@ import datetime
 import json
 from typing import Any
 
-from elastic_ckpt.checkpoint.catalog import Catalog
+from elastic_ckpt.checkpoint.catalog import Catalog, quarantine_reason
 from elastic_ckpt.checkpoint.manifest import MANIFEST_FILE, ChunkEntry, Manifest, TensorEntry
 from elastic_ckpt.errors import CheckpointError
 from elastic_ckpt.storage import Storage
@@ -35,6 +35,11 @@ def ls_view(root: Storage) -> dict[str, Any]:
                         "world_size": info.world_size, "total_bytes": info.total_bytes,
                         "num_tensors": info.num_tensors, "created_unix_s": info.created_unix_s,
                         "created": iso_time(info.created_unix_s)})
+    for step in catalog.quarantined():
+        directory = catalog.directory(step)
+        entries.append({"step": step, "status": "corrupt", "uri": directory.uri,
+                        "bytes_on_disk": _bytes_on_disk(directory),
+                        "error": quarantine_reason(directory)})
     for step in uncommitted:
         directory = catalog.directory(step)
         entries.append({"step": step, "status": "uncommitted", "uri": directory.uri,
@@ -61,6 +66,9 @@ def format_ls(view: dict[str, Any]) -> str:
         elif e["status"] == "uncommitted":
             rows.append((str(e["step"]), "UNCOMMITTED", "-", human_bytes(e["bytes_on_disk"]),
                          "-", "-", e["uri"]))
+        elif e["status"] == "corrupt":
+            rows.append((str(e["step"]), "CORRUPT", "-", human_bytes(e["bytes_on_disk"]),
+                         "-", "-", e["uri"]))
         else:
             rows.append((str(e["step"]), "UNREADABLE", "-", "-", "-", "-", e["uri"]))
     lines = [f"checkpoints under {view['root']} (oldest first)", table(rows, right={0, 2, 4})]
@@ -72,6 +80,9 @@ def format_ls(view: dict[str, Any]) -> str:
     for e in entries:
         if e["status"] == "unreadable":
             lines.append(f"step {e['step']} is UNREADABLE: {e['error']}")
+        elif e["status"] == "corrupt":
+            lines.append(f"step {e['step']} was marked CORRUPT by a load that fell back past "
+                         f"it (never loaded again; kept for inspection): {e['error']}")
     return "\n".join(lines)
 
 

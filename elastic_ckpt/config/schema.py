@@ -73,6 +73,10 @@ class CheckpointConfig(_Section):
     """Also keep every checkpoint whose step is a multiple of this (None: off)."""
     save_on_finish: bool = True
     """Write a final checkpoint at ``max_steps``."""
+    fallback_on_corrupt: bool = True
+    """On restore, if the latest checkpoint is corrupt, mark it ``CORRUPT`` (kept for
+    inspection) and resume from the next older one, recording it in the event timeline;
+    False: fail the run instead."""
 
 
 class SyntheticDatasetConfig(_Section):

@@ -322,6 +322,7 @@ class Coordinator:
             event.phases[key[name]] = fields["seconds"]
         if name == "restore":
             event.phases["build"] = fields["build_seconds"]
+            event.skipped_checkpoints = list(fields.get("skipped", ()))
         if name == "checkpoint" and event.kind != "start":
             event.phases["save"] = fields["seconds"]
 

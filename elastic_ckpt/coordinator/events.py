@@ -33,6 +33,9 @@ class ScalingEvent:
     """Step the new group restored from (its checkpoint)."""
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     total_s: float | None = None
+    skipped_checkpoints: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """``{"step", "error"}`` of each corrupt checkpoint the restore skipped (and marked
+    CORRUPT) to resume from an older one (``checkpoint.fallback_on_corrupt``)."""
 
     @property
     def steps_lost(self) -> int | None:

@@ -123,7 +123,7 @@ class RankTrainer:
 
     def _restore(self, state: dict[str, Any]) -> tuple[int, CheckpointInfo | None]:
         try:
-            info = self.ckpt.load(state)
+            info = self.ckpt.load(state, fallback=self.config.checkpoint.fallback_on_corrupt)
         except CheckpointNotFoundError:
             return 0, None
         saved = info.extra.get("trainer", {})
@@ -158,7 +158,8 @@ class RankTrainer:
         self.hooks.on_event("restore", {
             "seconds": time.perf_counter() - t0, "step": step,
             "from_world_size": None if info is None else info.world_size,
-            "build_seconds": t0 - started})
+            "build_seconds": t0 - started,
+            "skipped": [{"step": s, "error": e} for s, e in self.ckpt.last_skipped]})
         tokens_seen = int(trainer_state.get("tokens_seen", 0))
         stopped = False
         while step < self.config.max_steps:

@@ -14,8 +14,10 @@ from elastic_ckpt.train import StepMetrics
 def format_event(e: ScalingEvent) -> str:
     phases = " ".join(f"{k}={v:.2f}s" for k, v in e.phases.items())
     lost = "" if e.steps_lost is None else f", {e.steps_lost} steps lost"
+    skipped = "".join(f"\n   WARNING: skipped corrupt checkpoint step {c['step']} (marked "
+                      f"CORRUPT): {c['error']}" for c in e.skipped_checkpoints)
     return (f"{e.kind}: {e.from_workers} -> {e.to_workers} workers{lost}, "
-            f"{e.total_s or 0:.2f}s total [{phases}]")
+            f"{e.total_s or 0:.2f}s total [{phases}]{skipped}")
 
 
 class ProgressPrinter:
