@@ -1,7 +1,7 @@
 """Step-loop overhead: ``RankTrainer`` vs a plain hand-written FSDP2 loop, same work.
 
 ```
-python benchmarks/step_loop.py                          # defaults: 2 gloo ranks, ~0.15 s/step on 2 cores
+python benchmarks/step_loop.py                          # 2 gloo ranks, ~0.15 s/step, 2 cores
 python benchmarks/step_loop.py --repeats 6 --steps 50   # tighter numbers
 python benchmarks/step_loop.py --mode sequential        # whole loops, order alternating
 python benchmarks/step_loop.py --d-model 256 --seq-len 128 --world-size 2 --mode separate

@@ -169,6 +169,18 @@ def save_reference(root: str, **manager_kw: Any) -> dict[str, Any]:
     return {"state": expected, "odd": odd, "info": info, **continue_training(model, opt)}
 
 
+def save_state_at(mgr: Any, step: int) -> dict[str, Any]:
+    """Train a model whose state depends on ``step`` one step, save it as ``step`` with
+    ``mgr``; return the full state as saved. Collective when a process group is up."""
+    from elastic_ckpt import AppState
+
+    model, opt = build(seed=step)
+    train(model, opt, range(step, step + 1))
+    expected = full_state(model, opt)
+    mgr.save(step, {"app": AppState(model, opt), "extra": {"step": step}})
+    return expected
+
+
 def load_fresh(root: str, step: int | None = None) -> dict[str, Any]:
     """Build a differently-initialized model whose optimizer already has (different) state and
     another lr, load checkpoint ``step`` (default latest) into it, and return what was loaded

@@ -39,12 +39,7 @@ STEP = cm.SAVE_STEP
 # -- helpers ----------------------------------------------------------------------------------
 def save_state(root: str, step: int, **manager_kw: Any) -> dict[str, Any]:
     """Save a model whose state depends on ``step``; return that state (single process)."""
-    model, opt = cm.build(seed=step)
-    cm.train(model, opt, range(step, step + 1))
-    expected = cm.full_state(model, opt)
-    CheckpointManager(root, keep_last=None, **manager_kw).save(
-        step, {"app": AppState(model, opt), "extra": {"step": step}})
-    return expected
+    return cm.save_state_at(CheckpointManager(root, keep_last=None, **manager_kw), step)
 
 
 def load_state(root: str, step: int | None = None) -> tuple[dict[str, Any], Any]:

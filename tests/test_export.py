@@ -224,7 +224,7 @@ def _grid(shape, parts):
         per_dim.append([(a, b - a) for a, b in zip(bounds, bounds[1:])])
     boxes = [((), ())]
     for options in per_dim:
-        boxes = [(o + (a,), l + (n,)) for o, l in boxes for a, n in options]
+        boxes = [(o + (a,), ln + (n,)) for o, ln in boxes for a, n in options]
     return boxes
 
 

@@ -49,6 +49,8 @@ def test_resolve_unknown_scheme_is_a_storage_error() -> None:
     ("s3://b/x/", ("/a/", "b"), "s3://b/x/a/b"),
     ("/tmp/r", ("", "step-1"), "/tmp/r/step-1"),
     ("file:///tmp/r", (), "file:///tmp/r"),
+    ("s3://b/x/?region=eu&scheme=http", ("step-1", "f"), "s3://b/x/step-1/f?region=eu&scheme=http"),
+    ("/tmp/what?", ("a",), "/tmp/what?/a"),  # a local path may contain '?'
 ])
 def test_join_uri(uri, parts, want) -> None:
     assert join_uri(uri, *parts) == want

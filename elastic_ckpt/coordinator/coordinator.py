@@ -12,6 +12,7 @@ import dataclasses
 import os
 import threading
 import time
+from typing import Any
 import ray
 
 from elastic_ckpt.checkpoint import CheckpointInfo, CheckpointManager

@@ -16,8 +16,9 @@ PHASES = ("detect", "drain", "save", "teardown", "wait_capacity", "placement", "
 detection), ``drain`` (stop request until every rank stopped, ``save`` included), ``save``
 (the stop checkpoint), ``teardown`` (kill actors, free bundles), ``wait_capacity``,
 ``placement`` (placement group ready), ``actors`` (worker actors up), ``rendezvous`` (process
-group), ``build`` (model construction + sharding), ``load`` (restore/re-shard on rank 0), ``first_step`` (the first step at the
-new size). ``total_s`` spans the event start to the coordinator seeing that first step."""
+group), ``build`` (model construction + sharding), ``load`` (restore/re-shard on rank 0),
+``first_step`` (the first step at the new size). ``total_s`` spans the event start to the
+coordinator seeing that first step."""
 
 
 @dataclasses.dataclass

@@ -41,12 +41,14 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join_uri(uri: str, *parts: str) -> str:
-    """Join path parts onto a URI with '/', whatever the scheme."""
-    out = uri.rstrip("/")
+    """Join path parts onto a URI with '/', whatever the scheme; a query string
+    (``s3://b/x?endpoint_override=...``) stays at the end."""
+    base, sep, query = uri.partition("?") if "://" in uri else (uri, "", "")
+    out = base.rstrip("/")
     for part in parts:
         if part:
             out = f"{out}/{part.strip('/')}"
-    return out
+    return f"{out}{sep}{query}"
 
 
 def open_storage(uri: str, filesystem: pafs.FileSystem | None = None) -> "Storage":
@@ -179,7 +181,7 @@ class Storage:
             raise self._error("write", name, exc) from exc
 
     @contextmanager
-    def open_write(self, name: str) -> Iterator["_Writer"]:
+    def open_write(self, name: str) -> Iterator[_LocalWriter | _ArrowWriter]:
         """A sequential writer; the file is durable (fsynced / uploaded) when the block exits
         without error. On error the partial file is removed."""
         try:
@@ -207,7 +209,7 @@ class Storage:
             raise self._error("read", name, exc) from exc
 
     @contextmanager
-    def open_read(self, name: str) -> Iterator["_Reader"]:
+    def open_read(self, name: str) -> Iterator[_LocalReader | _ArrowReader]:
         """A random-access reader for ranged reads into caller buffers."""
         try:
             reader = _LocalReader(self.path(name)) if self.is_local else _ArrowReader(
