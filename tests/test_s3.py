@@ -13,6 +13,7 @@ from dist_utils import run_ranks
 from elastic_ckpt import AppState, CheckpointCorruptError, CheckpointManager, verify
 from elastic_ckpt.cli.main import main as cli_main
 from elastic_ckpt.storage import Storage
+from train_jobs import Segment, run_segments, smallest_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
@@ -100,3 +101,14 @@ def test_reshard_2_to_3_through_s3(s3_root) -> None:
     for out in loaded:
         assert out["step"] == 5
         cm.assert_same(saved[0]["state"], out["state"])
+
+
+@pytest.mark.dist
+def test_training_resumes_from_s3_at_another_world_size(s3_root) -> None:
+    cfg = smallest_config(s3_root, max_steps=4, interval_steps=2)
+    first = run_ranks(2, run_segments, [Segment(cfg, stop_at=3)], timeout_s=180)
+    assert [o[0]["final_step"] for o in first] == [3, 3]  # stopped at 3, saved there
+    resumed = run_ranks(1, run_segments, [Segment(cfg)], timeout_s=180)[0][0]
+    assert (resumed["restored_step"], resumed["restored_from_world_size"],
+            resumed["final_step"]) == (3, 2, 4)
+    assert CheckpointManager(s3_root).latest().step == 4
