@@ -91,6 +91,28 @@ def test_manager_retention_around_debris_and_foreign_entries(tmp_path) -> None:
     assert [i.step for i in mgr.list()] == [6]
 
 
+def test_retention_cut_short_leaves_debris_not_a_broken_committed_checkpoint(
+        tmp_path, monkeypatch) -> None:
+    from elastic_ckpt.storage import Storage
+
+    mgr = CheckpointManager(str(tmp_path), keep_last=1)
+    mgr.save(1, {"w": torch.ones(2)})
+    real = Storage.remove_tree
+
+    def dies(self, name):  # the process dies after the first file of the delete
+        (tmp_path / name / "rank-00000.bin").unlink()
+        raise OSError("killed mid-delete")
+
+    monkeypatch.setattr(Storage, "remove_tree", dies)
+    with pytest.raises(OSError):
+        mgr.save(2, {"w": torch.zeros(2)})
+    assert (tmp_path / step_dirname(1) / "manifest.json").exists()  # half deleted
+    assert [i.step for i in mgr.list()] == [2]  # and not offered as a checkpoint
+    monkeypatch.setattr(Storage, "remove_tree", real)
+    mgr.save(3, {"w": torch.zeros(2)})  # the next retention removes the debris
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dirname(3)]
+
+
 def test_saving_a_committed_step_again_is_refused(tmp_path) -> None:
     from elastic_ckpt.errors import CheckpointSaveError
 

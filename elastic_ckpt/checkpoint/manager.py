@@ -24,7 +24,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from elastic_ckpt.checkpoint.catalog import Catalog, CheckpointInfo
-from elastic_ckpt.checkpoint.manifest import decode_json_value, encode_json_value, step_dirname
+from elastic_ckpt.checkpoint.manifest import (
+    COMMITTED_FILE,
+    decode_json_value,
+    encode_json_value,
+    step_dirname,
+)
 from elastic_ckpt.checkpoint.planners import JsonLoadPlanner, JsonSavePlanner
 from elastic_ckpt.checkpoint.reader import ReadStats, ShardReader
 from elastic_ckpt.checkpoint.retention import steps_to_delete, validate_retention
@@ -245,6 +250,9 @@ class CheckpointManager:
             committed, uncommitted = self.catalog.scan()
             for step in steps_to_delete(committed, uncommitted, self.keep_last,
                                         self.keep_every, in_progress):
+                # Un-commit first: a delete cut short leaves debris, never a committed
+                # checkpoint with missing files.
+                self.root.remove(f"{step_dirname(step)}/{COMMITTED_FILE}")
                 self.root.remove_tree(step_dirname(step))
         except StorageError as exc:
             log.warning("retention under %s failed (will retry after the next save): %s",

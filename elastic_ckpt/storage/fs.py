@@ -153,6 +153,18 @@ class Storage:
         except OSError as exc:
             raise self._error("delete", name, exc) from exc
 
+    def remove(self, name: str) -> None:
+        """Delete one file; absent is fine."""
+        try:
+            if self.is_local:
+                os.remove(self.path(name))
+            else:
+                self.fs.delete_file(self.path(name))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._error("delete", name, exc) from exc
+
     def write_atomic(self, name: str, data: bytes) -> None:
         """Write ``data`` so readers see either nothing or all of it, durably.
 
