@@ -243,14 +243,19 @@ def test_restore_with_changed_data_settings_is_refused(tmp_path):
         smallest_config(uri, max_steps=5, global_batch_size=5),
         smallest_config(uri, max_steps=5, data_seed=1),
         smallest_config(uri, max_steps=5, num_samples=21),
-        # Last, as it succeeds and checkpoints: settings that keep the order may change.
-        smallest_config(uri, max_steps=5, micro_batch_size=1),
+        # Last, as it succeeds and checkpoints: settings that keep the order may change; a
+        # changed schedule is allowed but reported.
+        smallest_config(uri, max_steps=5, micro_batch_size=1, lr=1e-3),
     ]
     out = run_ranks(1, restore_errors, original, changed, timeout_s=100)[0]
     assert out["first"]["final_step"] == 3 and out["first"]["checkpoint_step"] == 3
+    assert out["first"]["warnings"] == []
     *refused, allowed = out["outcomes"]
     for outcome, what in zip(refused, ["'global_batch_size': 5", "'seed': 1",
                                        "'num_samples': 21"]):
         assert outcome["error"] == "ConfigError" and outcome["field"] == "data", outcome
         assert "sample order" in outcome["message"] and what in outcome["message"]
-    assert allowed == {"error": None, "restored_step": 3}
+    assert (allowed["error"], allowed["restored_step"]) == (None, 3)
+    [warning] = allowed["warnings"]
+    assert "max_steps 3 -> 5" in warning and "optim.lr 0.003 -> 0.001" in warning, warning
+    assert "the LR at step 3 is" in warning and "saved run's schedule gives" in warning

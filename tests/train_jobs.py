@@ -110,6 +110,7 @@ def run_segment(rank: int, world_size: int, seg: Segment) -> dict[str, Any]:
         "restored_step": result.restored_step,
         "restored_from_world_size": restored.get("from_world_size"),
         "skipped": [c["step"] for c in restored.get("skipped", [])],
+        "warnings": restored.get("warnings", []),
         "final_step": result.final_step,
         "stopped": result.stopped,
         "checkpoint_step": None if result.checkpoint is None else result.checkpoint.step,
@@ -135,5 +136,6 @@ def restore_errors(rank: int, world_size: int, original: TrainConfig,
             outcomes.append({"error": "ConfigError", "field": getattr(exc, "field", None),
                              "message": str(exc)})
         else:
-            outcomes.append({"error": None, "restored_step": out["restored_step"]})
+            outcomes.append({"error": None, "restored_step": out["restored_step"],
+                             "warnings": out["warnings"]})
     return {"first": first, "outcomes": outcomes}

@@ -324,6 +324,7 @@ class Coordinator:
         if name == "restore":
             event.phases["build"] = fields["build_seconds"]
             event.skipped_checkpoints = list(fields.get("skipped", ()))
+            event.warnings = list(fields.get("warnings", ()))
         if name == "checkpoint" and event.kind != "start":
             event.phases["save"] = fields["seconds"]
 

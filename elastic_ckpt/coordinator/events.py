@@ -37,6 +37,9 @@ class ScalingEvent:
     skipped_checkpoints: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """``{"step", "error"}`` of each corrupt checkpoint the restore skipped (and marked
     CORRUPT) to resume from an older one (``checkpoint.fallback_on_corrupt``)."""
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """What the restore noticed, e.g. a schedule (``max_steps``/``optim``) different from the
+    run that wrote the checkpoint."""
 
     @property
     def steps_lost(self) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import logging
 import math
 import time
 from typing import Any, Callable
@@ -23,6 +24,8 @@ from elastic_ckpt.data import ElasticSampler, collate_lm, fetch
 from elastic_ckpt.errors import CheckpointNotFoundError, ConfigError
 from elastic_ckpt.train.distributed import apply_fsdp, device_mesh, materialize
 from elastic_ckpt.train.schedule import lr_at
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 """``loss_fn(model, batch)`` -> mean loss over the micro-batch (a 0-dim tensor)."""
@@ -104,6 +107,7 @@ class RankTrainer:
                                       data.shuffle)
         ck = config.checkpoint
         self.ckpt = CheckpointManager(ck.uri, keep_last=ck.keep_last, keep_every=ck.keep_every)
+        self.restore_warnings: list[str] = []
 
     # -- setup -------------------------------------------------------------------------------
     def _build(self) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -115,6 +119,34 @@ class RankTrainer:
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas,
                                       weight_decay=o.weight_decay)
         return model, optimizer
+
+    def _schedule_settings(self) -> dict[str, Any]:
+        return {"max_steps": self.config.max_steps,
+                "optim": self.config.optim.model_dump(mode="json")}
+
+    def _schedule_changes(self, saved: dict[str, Any] | None, step: int) -> list[str]:
+        """What differs from the run that wrote the checkpoint, in words (legitimate, e.g.
+        more ``max_steps`` to train longer, but it bends the LR curve at the resume step)."""
+        if not saved:
+            return []
+        now = self._schedule_settings()
+        changed = [f"max_steps {saved['max_steps']} -> {now['max_steps']}"
+                   if saved.get("max_steps") != now["max_steps"] else None]
+        changed += [f"optim.{k} {saved['optim'].get(k)!r} -> {v!r}"
+                    for k, v in now["optim"].items() if saved.get("optim", {}).get(k) != v]
+        changed = [c for c in changed if c]
+        if not changed:
+            return []
+        from elastic_ckpt.config import OptimConfig  # noqa: PLC0415
+
+        try:
+            before = lr_at(step, OptimConfig(**saved["optim"]), int(saved["max_steps"]))
+        except Exception:  # noqa: BLE001 - an older or foreign record: report without the lr
+            before = None
+        after = lr_at(step, self.config.optim, self.config.max_steps)
+        lr = (f"; the LR at step {step} is {after:.3g}" +
+              (f" (the saved run's schedule gives {before:.3g})" if before is not None else ""))
+        return [f"resuming from step {step} with a changed schedule: " + ", ".join(changed) + lr]
 
     def _data_fingerprint(self) -> dict[str, Any]:
         d = self.config.data
@@ -139,12 +171,16 @@ class RankTrainer:
             raise ConfigError(f"checkpoint {info.uri}: samples_seen {saved['samples_seen']} "
                               f"does not match step {step}; the checkpoint is inconsistent")
         torch.set_rng_state(_decode_rng(saved["rng"]))
+        self.restore_warnings = self._schedule_changes(saved.get("schedule"), step)
+        for warning in self.restore_warnings if self.rank == 0 else ():
+            log.warning("%s", warning)
         return step, info
 
     def _trainer_state(self, step: int, tokens_seen: int) -> dict[str, Any]:
         return {"step": step, "samples_seen": step * self.config.data.global_batch_size,
                 "tokens_seen": tokens_seen, "world_size": self.world_size,
-                "data": self._data_fingerprint(), "rng": _encode_rng(torch.get_rng_state())}
+                "data": self._data_fingerprint(), "schedule": self._schedule_settings(),
+                "rng": _encode_rng(torch.get_rng_state())}
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> RankResult:
@@ -159,7 +195,8 @@ class RankTrainer:
             "seconds": time.perf_counter() - t0, "step": step,
             "from_world_size": None if info is None else info.world_size,
             "build_seconds": t0 - started,
-            "skipped": [{"step": s, "error": e} for s, e in self.ckpt.last_skipped]})
+            "skipped": [{"step": s, "error": e} for s, e in self.ckpt.last_skipped],
+            "warnings": list(self.restore_warnings)})
         tokens_seen = int(trainer_state.get("tokens_seen", 0))
         stopped = False
         while step < self.config.max_steps:

@@ -16,6 +16,7 @@ def format_event(e: ScalingEvent) -> str:
     lost = "" if e.steps_lost is None else f", {e.steps_lost} steps lost"
     skipped = "".join(f"\n   WARNING: skipped corrupt checkpoint step {c['step']} (marked "
                       f"CORRUPT): {c['error']}" for c in e.skipped_checkpoints)
+    skipped += "".join(f"\n   WARNING: {w}" for w in e.warnings)
     return (f"{e.kind}: {e.from_workers} -> {e.to_workers} workers{lost}, "
             f"{e.total_s or 0:.2f}s total [{phases}]{skipped}")
 
