@@ -8,85 +8,30 @@ without the test tree on ``sys.path``.
 from __future__ import annotations
 
 import os
-import pickle
 import platform
 import subprocess
 import time
-import traceback
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from elastic_ckpt.train.local import free_port
+from elastic_ckpt.train.local import run_ranks
 
 GB = 1e9
 
 
 # -- process groups -----------------------------------------------------------------------------
-def _entry(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple,
-           queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(threads)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", pickle.dumps(result)))
-    except BaseException as exc:  # report every failure to the parent, with its traceback
-        queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_group(world_size: int, fn: Callable, *args: Any, timeout_s: float = 3600,
               threads_per_rank: int | None = None) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh gloo ranks (spawned
-    processes; ``fn`` must be importable at module level). Returns results by rank; raises
-    with the failing rank's traceback if any rank fails."""
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh gloo ranks (the product's
+    local launcher; ``fn`` must be importable at module level). Returns results by rank;
+    raises with the failing rank's traceback if any rank fails. By default the cores are
+    split between the ranks."""
     if threads_per_rank is None:
         threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry,
-                         args=(r, world_size, port, threads_per_rank, fn, args, queue))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    errors: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(results) + len(errors) < world_size and not errors:
-            if time.monotonic() > deadline:
-                errors.append(f"timed out after {timeout_s:.0f} s")
-                break
-            if not queue.empty():
-                rank, status, payload = queue.get()
-                if status == "ok":
-                    results[rank] = pickle.loads(payload)
-                else:
-                    errors.append(f"rank {rank}: {payload}")
-                continue
-            if any(p.exitcode not in (None, 0) for p in procs):
-                time.sleep(0.5)  # let a dying rank's report arrive
-                if queue.empty():
-                    codes = [p.exitcode for p in procs]
-                    errors.append(f"a rank died without a report (exit codes {codes}; "
-                                  "out of memory?)")
-                continue
-            time.sleep(0.02)
-    finally:
-        for p in procs:
-            p.join(timeout=5 if errors else 60)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world_size)]
+    return run_ranks(world_size, fn, *args, threads_per_rank=threads_per_rank,
+                     timeout_s=timeout_s)
 
 
 def timed_collective(fn: Callable[[], Any]) -> tuple[float, Any]:

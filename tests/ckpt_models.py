@@ -1,9 +1,9 @@
 """A tiny FSDP2 model and the helpers the checkpoint tests share.
 
-Everything here works with or without a process group: under ``dist_utils.run_ranks`` the
-model is ``fully_shard``-ed per layer and at the root on a 1-D CPU mesh; in a plain process it
-stays an ordinary module. Rank functions handed to ``run_ranks`` must be importable, so the
-ones used by more than one test file live here.
+Everything here works with or without a process group: under
+``elastic_ckpt.train.local.run_ranks`` the model is ``fully_shard``-ed per layer and at the root
+on a 1-D CPU mesh; in a plain process it stays an ordinary module. Rank functions handed to
+``run_ranks`` must be importable, so the ones used by more than one test file live here.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ckpt_models as cm
-from dist_utils import run_ranks
+from elastic_ckpt.train.local import run_ranks
 from elastic_ckpt import AppState, CheckpointManager
 from elastic_ckpt.checkpoint.catalog import Catalog
 from elastic_ckpt.storage import Storage

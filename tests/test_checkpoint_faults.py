@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 import ckpt_models as cm
-from dist_utils import run_rank_outcomes, run_ranks
+from elastic_ckpt.train.local import run_ranks, spawn_ranks
 from elastic_ckpt import (
     AppState,
     CheckpointCorruptError,
@@ -199,7 +199,7 @@ def save_then_crash(rank: int, world_size: int, root: str) -> None:
 @pytest.mark.dist
 def test_two_rank_save_killed_between_data_and_manifest(tmp_path) -> None:
     root = str(tmp_path)
-    outcomes = run_rank_outcomes(2, save_then_crash, root, timeout_s=120, grace_s=5)
+    outcomes = spawn_ranks(2, save_then_crash, root, timeout_s=120, grace_s=5)
     assert (outcomes[0].status, outcomes[0].value) == ("died", 1), outcomes[0]
     assert outcomes[1].status in ("error", "killed"), outcomes[1]  # its peer vanished
 

@@ -254,7 +254,7 @@ def _fsdp_save(rank: int, world_size: int, root: str):
 
 @pytest.mark.dist
 def test_fsdp2_checkpoint_inspect_rows_and_export(tmp_path, capsys):
-    from dist_utils import run_ranks
+    from elastic_ckpt.train.local import run_ranks
 
     root = str(tmp_path / "ckpts")
     full = run_ranks(2, _fsdp_save, root)[0]

@@ -8,7 +8,7 @@ import pickle
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from dist_utils import run_ranks
+from elastic_ckpt.train.local import run_ranks
 from elastic_ckpt.config import (
     DataConfig,
     ModelConfig,

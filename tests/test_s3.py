@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import ckpt_models as cm
-from dist_utils import run_ranks
+from elastic_ckpt.train.local import run_ranks
 from elastic_ckpt import AppState, CheckpointCorruptError, CheckpointManager, verify
 from elastic_ckpt.cli.main import main as cli_main
 from elastic_ckpt.storage import Storage

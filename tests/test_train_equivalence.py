@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from elastic_ckpt.train.local import run_ranks
 from elastic_ckpt.data import ElasticSampler
 from train_jobs import Segment, run_segments, smallest_config, tiny_config
 

@@ -1,9 +1,9 @@
 """Rank-level jobs and tiny configs shared by the training tests.
 
-The job functions run on every rank of a gloo group started by ``dist_utils.run_ranks`` (so
-they live at module level, importable by ``spawn``). They return plain data: per-step metrics
-(the loss and the sample ledger), what the restore saw, and optionally the final parameters
-gathered to full tensors.
+The job functions run on every rank of a gloo group started by
+``elastic_ckpt.train.local.run_ranks`` (so they live at module level, importable by ``spawn``).
+They return plain data: per-step metrics (the loss and the sample ledger), what the restore
+saw, and optionally the final parameters gathered to full tensors.
 """
 
 from __future__ import annotations
