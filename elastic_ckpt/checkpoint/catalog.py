@@ -55,15 +55,13 @@ class Catalog:
 
     def scan(self) -> tuple[list[int], list[int]]:
         """``(committed steps, uncommitted steps)``, each ascending. Committed checkpoints a
-        load quarantined as corrupt (see ``quarantined``) are in neither list."""
-        committed, uncommitted, _ = self._scan()
+        load quarantined as corrupt (``scan_all``'s third list) are in neither."""
+        committed, uncommitted, _ = self.scan_all()
         return committed, uncommitted
 
-    def quarantined(self) -> list[int]:
-        """Committed steps marked ``CORRUPT`` by a load that fell back past them, ascending."""
-        return self._scan()[2]
-
-    def _scan(self) -> tuple[list[int], list[int], list[int]]:
+    def scan_all(self) -> tuple[list[int], list[int], list[int]]:
+        """``(committed, uncommitted, quarantined)`` steps, each ascending, in one listing;
+        quarantined: committed but marked ``CORRUPT`` by a load that fell back past them."""
         committed, uncommitted, quarantined = [], [], []
         for name, is_dir in self.root.listdir():
             step = parse_step_dirname(name)

@@ -229,7 +229,7 @@ class CheckpointManager:
 
     # -- internals ---------------------------------------------------------------------------
     def _prepare_directory(self, step: int, name: str) -> None:
-        committed, uncommitted = self.catalog.scan()
+        committed, uncommitted, quarantined = self.catalog.scan_all()
         if step in committed:
             raise CheckpointSaveError(
                 f"checkpoint step {step} is already committed at {self.root.uri_of(name)}; "
@@ -237,7 +237,7 @@ class CheckpointManager:
                 step=step)
         if step in uncommitted:  # debris of a crashed save of the same step
             self.root.remove_tree(name)
-        elif step in self.catalog.quarantined():  # a run that fell back past it re-saves it
+        elif step in quarantined:  # a run that fell back past it saves this step again
             log.warning("replacing %s, marked corrupt by an earlier load, with a new save",
                         self.root.uri_of(name))
             self.root.remove_tree(name)
@@ -281,10 +281,7 @@ class CheckpointManager:
                 continue
             if rank == self._rank():
                 return failure
-            if isinstance(exc, ElasticCkptError):
-                return type(exc)(f"rank {rank}: {exc.message}", rank=rank,
-                                 **{k: v for k, v in exc.details.items() if k != "rank"})
-            return exc
+            return _from_rank(exc, rank) if isinstance(exc, ElasticCkptError) else exc
         return None
 
     def _broadcast(self, value: Any) -> Any:
@@ -325,6 +322,11 @@ def _unwrap(exc: CheckpointException) -> BaseException:
     for rank in sorted(failures):
         inner = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
         if isinstance(inner, ElasticCkptError):
-            return type(inner)(f"rank {rank}: {inner.message}", rank=rank,
-                               **{k: v for k, v in inner.details.items() if k != "rank"})
+            return _from_rank(inner, rank)
     return CheckpointError(f"checkpoint operation failed: {exc}")
+
+
+def _from_rank(exc: ElasticCkptError, rank: int) -> ElasticCkptError:
+    """``exc`` as raised on another rank: same type and details, the rank named."""
+    return type(exc)(f"rank {rank}: {exc.message}", rank=rank,
+                     **{k: v for k, v in exc.details.items() if k != "rank"})

@@ -21,7 +21,7 @@ def ls_view(root: Storage) -> dict[str, Any]:
     """Every ``step-*`` directory under ``root``, ascending by step: committed checkpoints
     with their info, committed ones whose manifest cannot be read, and uncommitted debris."""
     catalog = Catalog(root)
-    committed, uncommitted = catalog.scan()
+    committed, uncommitted, quarantined = catalog.scan_all()
     entries: list[dict[str, Any]] = []
     for step in committed:
         uri = catalog.directory(step).uri
@@ -35,7 +35,7 @@ def ls_view(root: Storage) -> dict[str, Any]:
                         "world_size": info.world_size, "total_bytes": info.total_bytes,
                         "num_tensors": info.num_tensors, "created_unix_s": info.created_unix_s,
                         "created": iso_time(info.created_unix_s)})
-    for step in catalog.quarantined():
+    for step in quarantined:
         directory = catalog.directory(step)
         entries.append({"step": step, "status": "corrupt", "uri": directory.uri,
                         "bytes_on_disk": _bytes_on_disk(directory),

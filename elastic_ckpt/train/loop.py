@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from elastic_ckpt.checkpoint import AppState, CheckpointInfo, CheckpointManager
-from elastic_ckpt.config import TrainConfig
+from elastic_ckpt.config import OptimConfig, TrainConfig
 from elastic_ckpt.data import ElasticSampler, collate_lm, fetch
 from elastic_ckpt.errors import CheckpointNotFoundError, ConfigError
 from elastic_ckpt.train.distributed import apply_fsdp, device_mesh, materialize
@@ -129,16 +129,13 @@ class RankTrainer:
         more ``max_steps`` to train longer, but it bends the LR curve at the resume step)."""
         if not saved:
             return []
-        now = self._schedule_settings()
-        changed = [f"max_steps {saved['max_steps']} -> {now['max_steps']}"
-                   if saved.get("max_steps") != now["max_steps"] else None]
-        changed += [f"optim.{k} {saved['optim'].get(k)!r} -> {v!r}"
-                    for k, v in now["optim"].items() if saved.get("optim", {}).get(k) != v]
-        changed = [c for c in changed if c]
+        now, saved_optim = self._schedule_settings(), saved.get("optim", {})
+        changed = [f"optim.{k} {saved_optim.get(k)!r} -> {v!r}"
+                   for k, v in now["optim"].items() if saved_optim.get(k) != v]
+        if saved.get("max_steps") != now["max_steps"]:
+            changed.insert(0, f"max_steps {saved.get('max_steps')} -> {now['max_steps']}")
         if not changed:
             return []
-        from elastic_ckpt.config import OptimConfig  # noqa: PLC0415
-
         try:
             before = lr_at(step, OptimConfig(**saved["optim"]), int(saved["max_steps"]))
         except Exception:  # noqa: BLE001 - an older or foreign record: report without the lr
