@@ -75,10 +75,6 @@ class Catalog:
                 committed.append(step)
         return sorted(committed), sorted(uncommitted), sorted(quarantined)
 
-    def latest_step(self) -> int | None:
-        committed, _ = self.scan()
-        return committed[-1] if committed else None
-
     def quarantine(self, step: int, reason: str) -> None:
         """Mark committed checkpoint ``step`` corrupt (its files stay, for inspection)."""
         record = {"reason": reason, "unix_s": time.time()}

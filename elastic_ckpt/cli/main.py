@@ -121,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="list the checkpoints under a root",
                        description="List committed checkpoints under ROOT, oldest first "
                                    "(step, world size, size, tensors, creation time), and mark "
-                                   "UNCOMMITTED directories: debris of a crashed save, or a "
-                                   "save still running. Those are never loaded.")
+                                   "UNCOMMITTED directories (debris of a crashed save, or a "
+                                   "save still running), CORRUPT ones (quarantined by a load "
+                                   "that fell back past them) and UNREADABLE manifests. Those "
+                                   "are never loaded.")
     p.add_argument("root", metavar="ROOT", help="checkpoint root (holds step-NNNNNNNN dirs)")
     _add_json(p)
     p.set_defaults(func=cmd_ls)
