@@ -181,10 +181,10 @@ def _clock() -> tuple[float, float]:
 def _elastic_trainer(cfg, on_step):
     import functools
 
-    from elastic_ckpt.train import RankHooks, RankTrainer, build_gpt, lm_loss
+    from elastic_ckpt.train import RankHooks, TrainJob, TrainSpec, build_gpt, lm_loss
 
-    return RankTrainer(cfg, functools.partial(build_gpt, cfg.model), _dataset(cfg), lm_loss,
-                       hooks=RankHooks(on_step=on_step))
+    job = TrainJob(cfg, TrainSpec(functools.partial(build_gpt, cfg.model), lm_loss), _dataset(cfg))
+    return job.trainer(RankHooks(on_step=on_step), torch.device("cpu"))
 
 
 def _run_elastic(rank: int, world_size: int, cfg) -> dict[str, list]:

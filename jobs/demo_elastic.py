@@ -84,14 +84,14 @@ class Training:
         except BaseException as exc:  # reported by the main thread
             self.error = exc
 
-    def _show(self, steps, events) -> None:
-        for m in steps:
+    def _show(self, progress) -> None:
+        for m in progress.steps:
             new_size = not self.steps or self.steps[-1].world_size != m.world_size
             self.steps.append(m)
             if new_size or m.step % self.config.log_interval_steps == 0:
                 print(f"step {m.step:4d}/{self.config.max_steps}  loss {m.loss:.4f}  "
                       f"workers {m.world_size}  {m.step_time_s * 1e3:6.0f} ms/step", flush=True)
-        for e in events:
+        for e in progress.events:
             lost = "" if e.steps_lost is None else f", {e.steps_lost} step(s) lost"
             resumed = "" if not e.resumed_step else f", resumed from step {e.resumed_step}"
             print(f"-- {e.kind}: {e.from_workers} -> {e.to_workers} workers in "
@@ -112,7 +112,7 @@ class Training:
 
 
 def print_timeline(result) -> None:
-    print("\nScaling timeline (seconds per phase; see DESIGN.md for what each one covers):")
+    print("\nScaling timeline (seconds per phase; see ARCHITECTURE.md for what each one covers):")
     for e in result.events:
         lost = "-" if e.steps_lost is None else str(e.steps_lost)
         phases = "  ".join(f"{name} {secs:.2f}" for name, secs in e.phases.items())

@@ -17,7 +17,7 @@ from elastic_ckpt.data import (
     MapDataset,
     ParquetDataset,
     SyntheticLMDataset,
-    collate_lm,
+    collate,
     fetch,
     write_token_parquet,
 )
@@ -106,19 +106,29 @@ def test_fetch_prefers_getitems_and_collate_stacks():
     ds = _Counting()
     samples = fetch(ds, np.array([3, 1, 4]))
     assert ds.batched == 1
-    batch = collate_lm(samples)
+    batch = collate(samples)
     assert torch.equal(batch["x"], torch.tensor([[3, 3], [1, 1], [4, 4]]))
     plain = SyntheticLMDataset(10, 4, 8)
-    assert collate_lm(fetch(plain, [0, 1]))["input_ids"].shape == (2, 4)
+    assert collate(fetch(plain, [0, 1]))["input_ids"].shape == (2, 4)
 
 
-def test_collate_errors():
-    with pytest.raises(DatasetError):
-        collate_lm([])
-    with pytest.raises(DatasetError, match="sample 1"):
-        collate_lm([{"input_ids": torch.zeros(3)}, {"input_ids": torch.zeros(4)}])
-    out = collate_lm([{"n": 1, "s": "a"}, {"n": 2, "s": "b"}])
+def test_collate_is_default_collate_for_tuples_lists_numpy_and_numbers():
+    x = [(torch.tensor([i, i]), i) for i in range(3)]
+    xs, ys = collate(x)
+    assert torch.equal(xs, torch.tensor([[0, 0], [1, 1], [2, 2]]))
+    assert torch.equal(ys, torch.tensor([0, 1, 2]))
+    arrays = collate([np.arange(2), np.arange(2) + 1])
+    assert torch.equal(arrays, torch.tensor([[0, 1], [1, 2]]))
+    out = collate([{"n": 1, "s": "a", "f": 0.5}, {"n": 2, "s": "b", "f": 1.5}])
     assert torch.equal(out["n"], torch.tensor([1, 2])) and out["s"] == ["a", "b"]
+    assert torch.equal(out["f"], torch.tensor([0.5, 1.5], dtype=torch.float64))
+
+
+def test_collate_errors_name_the_samples():
+    with pytest.raises(DatasetError, match="no samples"):
+        collate([])
+    with pytest.raises(DatasetError, match=r"first: \{'input_ids': Tensor \(3,\)"):
+        collate([{"input_ids": torch.zeros(3)}, {"input_ids": torch.zeros(4)}])
 
 
 # -- parquet --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from ray_jobs import Faults, dataset, loopback_cluster, tiny_config, trainer_kwa
 from elastic_ckpt import ElasticTrainer, TrainingFailedError, verify
 from elastic_ckpt.data import ElasticSampler
 from elastic_ckpt.train import build_gpt, lm_loss
-from elastic_ckpt.train import TrainJob
+from elastic_ckpt.train import TrainJob, TrainSpec
 from elastic_ckpt.train.local import run_local_group
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -25,7 +25,8 @@ def reference_losses(config, tmp_path) -> dict[int, float]:
     ref_config = config.model_copy(update={"checkpoint": config.checkpoint.model_copy(
         update={"uri": str(tmp_path / "ref-ckpt")})})
     history = []
-    job = TrainJob(ref_config, functools.partial(build_gpt, ref_config.model), dataset(), lm_loss)
+    job = TrainJob(ref_config, TrainSpec(functools.partial(build_gpt, ref_config.model), lm_loss),
+                   dataset())
     run_local_group(job, 2, on_step=history.append)
     return {m.step: m.loss for m in history}
 
@@ -36,7 +37,7 @@ class Run:
     def __init__(self, **kwargs) -> None:
         self.steps = []
         self.result = self.error = None
-        self.trainer = ElasticTrainer(on_progress=lambda steps, events: self.steps.extend(steps),
+        self.trainer = ElasticTrainer(on_progress=lambda progress: self.steps.extend(progress.steps),
                                       **kwargs)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

@@ -9,7 +9,7 @@ import torch
 
 from elastic_ckpt.config import ModelConfig, OptimConfig
 from elastic_ckpt.train import build_gpt, lm_loss, lr_at
-from elastic_ckpt.train.distributed import shard_units
+from elastic_ckpt.train import shard_units
 
 PEAK, MAX_STEPS = 1e-3, 100
 

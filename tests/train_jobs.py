@@ -18,7 +18,7 @@ import torch.distributed as dist
 from elastic_ckpt.config import TrainConfig
 from elastic_ckpt.data import SyntheticLMDataset
 from elastic_ckpt.errors import ConfigError
-from elastic_ckpt.train import RankHooks, RankTrainer, build_gpt, lm_loss
+from elastic_ckpt.train import RankHooks, TrainJob, TrainSpec, default_model
 
 
 def tiny_config(uri: str, *, max_steps: int = 12, global_batch_size: int = 17,
@@ -64,6 +64,11 @@ class Segment:
     stop_at: int | None = None
     copy_from: str | None = None
     gather_params: bool = False
+    spec: TrainSpec = TrainSpec()
+    """The builders (default: the model ``config.model`` names, its loss, AdamW...)."""
+    dataset: Any = None
+    """None: ``dataset_for(config)``."""
+    eval_dataset: Any = None
 
 
 def run_segment(rank: int, world_size: int, seg: Segment) -> dict[str, Any]:
@@ -75,11 +80,14 @@ def run_segment(rank: int, world_size: int, seg: Segment) -> dict[str, Any]:
         dist.barrier()
     built: list[torch.nn.Module] = []
     steps: list[Any] = []
+    evals: list[Any] = []
     restored: dict[str, Any] = {}
     position = {"step": 0}  # the last completed global step, as this run knows it
+    build = seg.spec.model_fn or default_model(seg.config)[0]
+    loss_fn = seg.spec.loss_fn or default_model(seg.config)[1]
 
     def model_fn() -> torch.nn.Module:
-        model = build_gpt(seg.config.model)
+        model = build()
         built.append(model)  # fully_shard works in place: this is the trained module
         return model
 
@@ -95,18 +103,24 @@ def run_segment(rank: int, world_size: int, seg: Segment) -> dict[str, Any]:
     def should_stop() -> bool:  # polled during step position+1, before on_step
         return seg.stop_at is not None and position["step"] + 1 >= seg.stop_at
 
-    hooks = RankHooks(should_stop=should_stop, on_step=on_step, on_event=on_event)
-    result = RankTrainer(seg.config, model_fn, dataset_for(seg.config), lm_loss,
-                         hooks=hooks).run()
+    hooks = RankHooks(should_stop=should_stop, on_step=on_step, on_event=on_event,
+                      on_eval=evals.append)
+    spec = dataclasses.replace(seg.spec, model_fn=model_fn, loss_fn=loss_fn)
+    dataset = seg.dataset if seg.dataset is not None else dataset_for(seg.config)
+    job = TrainJob(seg.config, spec, dataset, seg.eval_dataset)
+    result = job.trainer(hooks, torch.device("cpu")).run()
     params = None
     if seg.gather_params:
-        params = {name: p.full_tensor().detach().clone()
-                  for name, p in built[0].named_parameters()}
+        params = full_params(built[0])
     return {
         "rank": rank,
         "world_size": world_size,
-        "steps": [(m.step, m.loss, tuple(m.sample_ids), m.world_size, m.samples, m.lr)
-                  for m in steps],
+        "steps": [(m.step, m.loss, tuple(m.sample_ids), m.world_size, m.samples, m.lr, m.lrs,
+                   m.metrics) for m in steps],
+        "evals": [(e.step, e.loss, e.metrics, e.samples) for e in evals],
+        "fsdp_units": restored.get("fsdp_units"),
+        "init_bytes_read": restored.get("init_bytes_read"),
+        "model_bytes": restored.get("model_bytes"),
         "restored_step": result.restored_step,
         "restored_from_world_size": restored.get("from_world_size"),
         "skipped": [c["step"] for c in restored.get("skipped", [])],
@@ -116,6 +130,16 @@ def run_segment(rank: int, world_size: int, seg: Segment) -> dict[str, Any]:
         "checkpoint_step": None if result.checkpoint is None else result.checkpoint.step,
         "params": params if rank == 0 else None,
     }
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective. Every parameter (and persistent buffer) of a sharded model as a full
+    tensor, by state-dict name."""
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        out[name] = t.detach().clone()
+    return out
 
 
 def run_segments(rank: int, world_size: int, segments: list[Segment]) -> list[dict[str, Any]]:

@@ -5,15 +5,19 @@ from elastic_ckpt.config.loading import dump_config, load_config, validate_confi
 from elastic_ckpt.config.schema import (
     CheckpointConfig,
     DataConfig,
+    EvalConfig,
     FailureConfig,
+    HFModelConfig,
     ModelConfig,
     OptimConfig,
+    ParallelConfig,
     ParquetDatasetConfig,
     ScalingConfig,
     SyntheticDatasetConfig,
     TrainConfig,
 )
 
-__all__ = ["CheckpointConfig", "DataConfig", "FailureConfig", "ModelConfig", "OptimConfig",
-           "ParquetDatasetConfig", "ScalingConfig", "SyntheticDatasetConfig", "TrainConfig",
-           "dump_config", "load_config", "validate_config"]
+__all__ = ["CheckpointConfig", "DataConfig", "EvalConfig", "FailureConfig", "HFModelConfig",
+           "ModelConfig", "OptimConfig", "ParallelConfig", "ParquetDatasetConfig",
+           "ScalingConfig", "SyntheticDatasetConfig", "TrainConfig", "dump_config",
+           "load_config", "validate_config"]

@@ -6,7 +6,7 @@ sections accept plain dicts (``TrainConfig(data={"global_batch_size": 64})``).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -77,6 +77,14 @@ class CheckpointConfig(_Section):
     """On restore, if the latest checkpoint is corrupt, mark it ``CORRUPT`` (kept for
     inspection) and resume from the next older one, recording it in the event timeline;
     False: fail the run instead."""
+    init_from: str | None = None
+    """Pretrained weights to start from when ``uri`` holds no committed checkpoint: an HF model
+    directory (safetensors, sharded or not, or pytorch_model.bin), a ``.safetensors`` or torch
+    state-dict file, or an elastic_ckpt checkpoint (its model part); any pyarrow.fs URI. Each
+    rank reads only the rows of its own shards; the optimizer starts fresh."""
+    init_key_prefix: str = ""
+    """Strip this prefix from the key names in ``init_from`` before matching them to
+    ``model.state_dict()`` (e.g. ``model.`` or ``module.``)."""
 
 
 class SyntheticDatasetConfig(_Section):
@@ -145,14 +153,43 @@ class OptimConfig(_Section):
     """Clip the global gradient norm to this (None: no clipping)."""
 
 
+class EvalConfig(_Section):
+    """Held-out evaluation (needs an eval dataset: ``ElasticTrainer(eval_dataset=...)`` or
+    ``eval.dataset``)."""
+
+    interval_steps: PositiveInt | None = None
+    """Evaluate every this many steps; the last step is always evaluated (None: only then)."""
+    max_samples: PositiveInt | None = None
+    """Evaluate the first this many samples of the eval set (None: all of it)."""
+    micro_batch_size: PositiveInt | None = None
+    """Samples per eval forward on one rank (None: ``data.micro_batch_size``)."""
+    dataset: DatasetConfig | None = None
+    """The eval dataset used when ``ElasticTrainer`` is not given one (None: no eval)."""
+
+
+class ParallelConfig(_Section):
+    """How ``default_parallelize`` wraps the model (ignored by a user ``parallelize_fn``)."""
+
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (HF models: their own gradient
+    checkpointing); saves activation memory for ~1/3 more compute."""
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward (ZeRO-3); False keeps them
+    until backward (ZeRO-2-like: less communication, more memory)."""
+    compile: bool = False
+    """``torch.compile`` each block (in place: parameter names do not change)."""
+
+
 class FailureConfig(_Section):
     max_failures: int | None = Field(3, ge=0)
     """Crashes tolerated before ``fit()`` raises (preemptions don't count; None: unlimited)."""
 
 
 class ModelConfig(_Section):
-    """The GPT-style model ``jobs/train.py`` builds when no ``model_fn`` is given."""
+    """The built-in GPT-style model ``jobs/train.py`` builds when no ``model_fn`` is given."""
 
+    kind: Literal["gpt"] = "gpt"
+    """The built-in GPT (the default)."""
     vocab_size: PositiveInt = 256
     """Vocabulary size."""
     d_model: PositiveInt = 128
@@ -173,6 +210,43 @@ class ModelConfig(_Section):
         return self
 
 
+class HFModelConfig(_Section):
+    """A Hugging Face causal LM built with ``AutoModelForCausalLM.from_config`` (parameters on
+    the meta device, materialized after sharding) and trained with next-token loss. Needs
+    ``transformers`` (``pip install elastic_ckpt[hf]``)."""
+
+    kind: Literal["hf"]
+    """A ``transformers`` causal language model."""
+    config: dict[str, Any] | None = None
+    """HF config fields, with ``model_type`` (e.g. ``{model_type: llama, hidden_size: 64}``)."""
+    path: str | None = None
+    """A directory (any pyarrow.fs URI) holding the model's ``config.json``; for its weights
+    set ``checkpoint.init_from`` to the same directory."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """The attention kernel."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "HFModelConfig":
+        if (self.config is None) == (self.path is None):
+            raise ValueError("set exactly one of model.config (HF config fields) and "
+                             "model.path (a directory with config.json)")
+        if self.config is not None and not self.config.get("model_type"):
+            raise ValueError("model.config needs model_type (e.g. llama, gpt2)")
+        return self
+
+
+def _model_kind(value: object) -> str | None:
+    if isinstance(value, dict):
+        return value.get("kind", "gpt")
+    return getattr(value, "kind", None)
+
+
+AnyModelConfig = Annotated[
+    Union[Annotated[ModelConfig, Tag("gpt")], Annotated[HFModelConfig, Tag("hf")]],
+    Discriminator(_model_kind),
+]
+
+
 class TrainConfig(_Section):
     """Everything an elastic training run needs, validated once."""
 
@@ -188,8 +262,12 @@ class TrainConfig(_Section):
     """Optimizer and LR schedule."""
     failure: FailureConfig = FailureConfig()
     """Crash tolerance."""
-    model: ModelConfig = ModelConfig()
-    """The built-in GPT model (used when no ``model_fn`` is given)."""
+    eval: EvalConfig = EvalConfig()
+    """Held-out evaluation."""
+    parallel: ParallelConfig = ParallelConfig()
+    """FSDP2 wrapping options of the default ``parallelize_fn``."""
+    model: AnyModelConfig = ModelConfig()
+    """The model built when no ``model_fn`` is given: the built-in GPT or an HF causal LM."""
     mixed_precision: Literal["none", "bf16"] = "none"
     """``bf16``: bf16 parameters for compute, fp32 gradient reduction (GPU)."""
     seed: int = Field(0, ge=0)
@@ -208,14 +286,29 @@ class TrainConfig(_Section):
         if self.optim.warmup_steps >= self.max_steps and self.optim.warmup_steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < "
                              f"max_steps ({self.max_steps})")
-        ds = data.dataset
-        if isinstance(ds, SyntheticDatasetConfig):
-            if ds.vocab_size != self.model.vocab_size:
-                raise ValueError(f"data.dataset.vocab_size ({ds.vocab_size}) must equal "
-                                 f"model.vocab_size ({self.model.vocab_size})")
-            if ds.seq_len > self.model.max_seq_len:
-                raise ValueError(f"data.dataset.seq_len ({ds.seq_len}) must be <= "
-                                 f"model.max_seq_len ({self.model.max_seq_len})")
+        for where, ds in (("data.dataset", data.dataset), ("eval.dataset", self.eval.dataset)):
+            if isinstance(ds, SyntheticDatasetConfig):
+                self._check_tokens(where, ds)
         if self.mixed_precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("mixed_precision='bf16' needs scaling.use_gpu=true")
         return self
+
+    def _check_tokens(self, where: str, ds: SyntheticDatasetConfig) -> None:
+        """A synthetic dataset's tokens must fit the model's vocabulary and positions."""
+        model = self.model
+        if isinstance(model, ModelConfig):
+            vocab, positions, name = model.vocab_size, model.max_seq_len, "model.max_seq_len"
+        elif model.config is not None:  # an HF config: check what it states
+            vocab = model.config.get("vocab_size")
+            positions = model.config.get("max_position_embeddings",
+                                         model.config.get("n_positions"))
+            name = "model.config.max_position_embeddings"
+        else:
+            return  # model.path: checked when the model is built
+        if vocab is not None and ds.vocab_size != vocab:
+            vname = ("model.vocab_size" if isinstance(model, ModelConfig)
+                     else "model.config.vocab_size")
+            raise ValueError(f"{where}.vocab_size ({ds.vocab_size}) must equal {vname} ({vocab})")
+        if positions is not None and ds.seq_len > positions:
+            raise ValueError(f"{where}.seq_len ({ds.seq_len}) must be <= {name} ({positions})")
+

@@ -41,7 +41,7 @@ from elastic_ckpt.coordinator.state import (
     check_transition,
 )
 from elastic_ckpt.coordinator.worker_group import GroupPoll, PlacementTimeout, WorkerGroup
-from elastic_ckpt.train import StepMetrics, TrainJob
+from elastic_ckpt.train import EvalMetrics, StepMetrics, TrainJob
 
 POLL_INTERVAL_S = 0.1
 CLUSTER_POLL_INTERVAL_S = 0.5
@@ -58,6 +58,16 @@ class CoordinatorResult:
     events: tuple[ScalingEvent, ...]
     sample_ledger: dict[int, tuple[int, ...]]
     error: str | None
+    eval_history: tuple[EvalMetrics, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """What happened since the driver last asked (for its display)."""
+
+    steps: list[StepMetrics]
+    events: list[ScalingEvent]
+    evals: list[EvalMetrics]
 
 
 class Coordinator:
@@ -75,6 +85,7 @@ class Coordinator:
         self.record_samples = record_samples
         self.failures = 0
         self.history: dict[int, StepMetrics] = {}
+        self.eval_history: dict[int, EvalMetrics] = {}
         self.ledger: dict[int, dict[int, tuple[int, ...]]] = {}  # step -> rank -> sample ids
         self.last_step = 0
         self.restored_step: int | None = None
@@ -85,6 +96,7 @@ class Coordinator:
         self._lock = threading.Lock()
         self._progress: list[StepMetrics] = []
         self._progress_events: list[ScalingEvent] = []
+        self._progress_evals: list[EvalMetrics] = []
         self._inbox: collections.deque[tuple[int, int, int, str, Any]] = collections.deque()
         self._pending: dict[tuple[int, int], tuple[str, Any]] = {}  # (rank, seq) -> report
         self._next_seq: dict[int, int] = {}
@@ -113,18 +125,19 @@ class Coordinator:
             history=tuple(self.history[s] for s in sorted(self.history)),
             events=tuple(self.timeline.events),
             sample_ledger={s: tuple(i for r in sorted(v) for i in v[r])
-                           for s, v in sorted(self.ledger.items())}, error=error)
+                           for s, v in sorted(self.ledger.items())}, error=error,
+            eval_history=tuple(self.eval_history[s] for s in sorted(self.eval_history)))
 
     def report(self, generation: int, rank: int, seq: int, kind: str, payload: Any) -> None:
         """Called by the ranks (fire-and-forget) after every step and event."""
         self._inbox.append((generation, rank, seq, kind, payload))
 
-    def progress(self) -> tuple[list[StepMetrics], list[ScalingEvent]]:
-        """Steps and completed events since the previous call (for the driver's display)."""
+    def progress(self) -> Progress:
+        """Steps, evals and completed events since the previous call (for the driver)."""
         with self._lock:
-            steps, events = self._progress, self._progress_events
-            self._progress, self._progress_events = [], []
-        return steps, events
+            out = Progress(self._progress, self._progress_events, self._progress_evals)
+            self._progress, self._progress_events, self._progress_evals = [], [], []
+        return out
 
     # -- transitions ------------------------------------------------------------------------
     def _transition(self, state: State) -> State:
@@ -274,6 +287,10 @@ class Coordinator:
                 self._on_rank_event(rank, *payload, event)
             elif kind == "step":
                 self._on_step(rank, payload)
+            elif kind == "eval" and rank == 0:
+                self.eval_history[payload.step] = payload
+                with self._lock:
+                    self._progress_evals.append(payload)
         if event is not None and "first_step" in event.phases:
             event.resumed_step = self.restored_step
             self._resumed_s = time.time()
@@ -325,6 +342,9 @@ class Coordinator:
             event.phases["build"] = fields["build_seconds"]
             event.skipped_checkpoints = list(fields.get("skipped", ()))
             event.warnings = list(fields.get("warnings", ()))
+            event.details = {k: fields[k] for k in ("fsdp_units", "init_from",
+                                                    "init_bytes_read", "model_bytes")
+                             if k in fields}
         if name == "checkpoint" and event.kind != "start":
             event.phases["save"] = fields["seconds"]
 
@@ -343,6 +363,8 @@ class Coordinator:
         self.last_step = step
         for s in [s for s in self.history if s > step]:
             del self.history[s]
+        for s in [s for s in self.eval_history if s > step]:
+            del self.eval_history[s]
         for s in [s for s in self.ledger if s > step]:
             del self.ledger[s]
 

@@ -40,6 +40,10 @@ class ScalingEvent:
     warnings: list[str] = dataclasses.field(default_factory=list)
     """What the restore noticed, e.g. a schedule (``max_steps``/``optim``) different from the
     run that wrote the checkpoint."""
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What rank 0 of the new group reported at build/restore: ``fsdp_units`` (the names of
+    the modules sharded as their own unit, root ``""``) and, for a pretrained start,
+    ``init_from``, ``init_bytes_read`` (by rank 0) and ``model_bytes``."""
 
     @property
     def steps_lost(self) -> int | None:

@@ -53,6 +53,7 @@ class TrainWorker:
 
         hooks = RankHooks(should_stop=self._stop.is_set,
                           on_step=lambda m: report("step", m),
+                          on_eval=lambda m: report("eval", m),
                           on_event=lambda name, fields: report("event", (name, fields)))
         with process_group(spec):
             report("event", ("rendezvous", {"seconds": time.perf_counter() - started}))

@@ -5,7 +5,8 @@ splits them per rank and micro-batch; datasets are map-style (``MapDataset``) so
 read any index. Nothing here keeps per-rank state.
 """
 
-from elastic_ckpt.data.datasets import DatasetError, MapDataset, collate_lm, fetch
+from elastic_ckpt.data.datasets import DatasetError, MapDataset, collate, fetch
+from elastic_ckpt.data.eval_split import eval_micro_batches, eval_passes, eval_range
 from elastic_ckpt.data.parquet import ParquetDataset, write_token_parquet
 from elastic_ckpt.data.sampler import ElasticSampler
 from elastic_ckpt.data.synthetic import SyntheticLMDataset
@@ -16,7 +17,10 @@ __all__ = [
     "MapDataset",
     "ParquetDataset",
     "SyntheticLMDataset",
-    "collate_lm",
+    "collate",
+    "eval_micro_batches",
+    "eval_passes",
+    "eval_range",
     "fetch",
     "write_token_parquet",
 ]

@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from elastic_ckpt.errors import ElasticCkptError
 
@@ -51,39 +52,27 @@ def fetch(dataset: MapDataset, ids: Sequence[int] | np.ndarray) -> list:
     return samples
 
 
-def collate_lm(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of same-keyed sample dicts into one batch dict.
-
-    Tensors and numpy arrays are stacked along a new dim 0 (so they must share shape and
-    dtype); Python ints/floats/bools become a 1-D tensor; anything else becomes a list.
-    Raises ``DatasetError`` naming the key and sample on mismatch, or for an empty list (a
-    rank with no samples has no micro-batches to collate).
-    """
+def collate(samples: Sequence[Any]) -> Any:
+    """The default collate: ``torch.utils.data.default_collate`` (tensors, numpy arrays and
+    numbers stacked; tuples, lists and dicts collated field by field), with errors that say
+    which samples would not stack. Raises ``DatasetError`` for an empty list (a rank with an
+    empty share has no micro-batches to collate)."""
     if not samples:
-        raise DatasetError("collate_lm got no samples; a rank with an empty share has none")
-    keys = list(samples[0].keys())
-    batch: dict[str, Any] = {}
-    for n, sample in enumerate(samples):
-        if not isinstance(sample, dict) or list(sample.keys()) != keys:
-            got = list(sample.keys()) if isinstance(sample, dict) else type(sample).__name__
-            raise DatasetError(f"collate_lm: sample {n} has keys {got}, sample 0 has {keys}")
-    for key in keys:
-        values = [s[key] for s in samples]
-        first = values[0]
-        if isinstance(first, (torch.Tensor, np.ndarray)):
-            tensors = [torch.as_tensor(v) for v in values]
-            for n, t in enumerate(tensors):
-                if t.shape != tensors[0].shape or t.dtype != tensors[0].dtype:
-                    raise DatasetError(
-                        f"collate_lm: {key!r} of sample {n} has shape {tuple(t.shape)} "
-                        f"{t.dtype}, sample 0 has {tuple(tensors[0].shape)} "
-                        f"{tensors[0].dtype}; pad or set seq_len so samples match"
-                    )
-            batch[key] = torch.stack(tensors)
-        elif isinstance(first, (bool, int, float)) and all(
-            type(v) is type(first) for v in values
-        ):
-            batch[key] = torch.tensor(values)
-        else:
-            batch[key] = values
-    return batch
+        raise DatasetError("collate got no samples; a rank with an empty share has none")
+    try:
+        return default_collate(list(samples))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise DatasetError(
+            f"cannot collate {len(samples)} samples (first: {_describe(samples[0])}): {exc}. "
+            "Samples must have the same structure and tensor shapes (pad, or set seq_len), "
+            "or pass ElasticTrainer(collate_fn=...)") from None
+
+
+def _describe(sample: Any) -> str:
+    if isinstance(sample, (torch.Tensor, np.ndarray)):
+        return f"{type(sample).__name__} {tuple(sample.shape)} {sample.dtype}"
+    if isinstance(sample, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in sample.items()) + "}"
+    if isinstance(sample, (tuple, list)):
+        return type(sample).__name__ + "(" + ", ".join(_describe(v) for v in sample) + ")"
+    return type(sample).__name__

@@ -1,17 +1,15 @@
-"""Process group, device mesh and FSDP2 sharding for one rank."""
+"""Process group and device mesh for one rank."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,41 +56,3 @@ def process_group(spec: RankSpec) -> Iterator[None]:
 def device_mesh(device: torch.device) -> DeviceMesh:
     """A 1-D mesh over the default process group (FSDP2's data-parallel axis)."""
     return init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
-
-
-def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The modules that become their own ``fully_shard`` unit: every child of the first
-    ``ModuleList`` attribute named ``blocks``/``layers``/``h``, else none (root only)."""
-    for name in ("blocks", "layers", "h"):
-        units = getattr(model, name, None)
-        if isinstance(units, nn.ModuleList):
-            return list(units)
-    return []
-
-
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mixed_precision: str = "none",
-               units: Callable[[nn.Module], list[nn.Module]] = shard_units) -> nn.Module:
-    """``fully_shard`` each unit and the root. bf16: bf16 params for compute, fp32 reduce."""
-    policy = MixedPrecisionPolicy()
-    if mixed_precision == "bf16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for unit in units(model):
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
-
-
-def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate and initialize parameters of a model built on the meta device (after sharding,
-    so each rank allocates only its shard). Uses ``init_weights()`` when the model has one,
-    else each submodule's ``reset_parameters()``."""
-    if not any(p.is_meta for p in model.parameters()):
-        return
-    model.to_empty(device=device)
-    with torch.no_grad():
-        if hasattr(model, "init_weights"):
-            model.init_weights()
-        else:
-            for module in model.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()

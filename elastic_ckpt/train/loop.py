@@ -1,124 +1,108 @@
-"""One rank's life: build and shard the model, restore, run the step loop, checkpoint.
+"""One rank's life: build and shard the model, restore (or start from pretrained weights),
+run the step loop, evaluate, checkpoint.
 
 ``RankTrainer.run()`` is collective over the default process group: every rank of the group
-calls it with the same config. It decides nothing about scaling; the runtime above sets the
+calls it with the same job. It decides nothing about scaling; the runtime above sets the
 stop flag and restarts the group at another size.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import logging
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from elastic_ckpt.checkpoint import AppState, CheckpointInfo, CheckpointManager
-from elastic_ckpt.config import OptimConfig, TrainConfig
-from elastic_ckpt.data import ElasticSampler, collate_lm, fetch
+from elastic_ckpt.config import OptimConfig
+from elastic_ckpt.data import ElasticSampler, collate, fetch
 from elastic_ckpt.errors import CheckpointNotFoundError, ConfigError
-from elastic_ckpt.train.distributed import apply_fsdp, device_mesh, materialize
+from elastic_ckpt.train.accumulate import WeightedSums, agree_on_names, split_loss
+from elastic_ckpt.train.distributed import device_mesh
+from elastic_ckpt.train.evaluate import evaluate
+from elastic_ckpt.train.init import materialize
+from elastic_ckpt.train.job import (
+    RankHooks,
+    RankResult,
+    StepMetrics,
+    TrainJob,
+    default_model,
+)
+from elastic_ckpt.train.optim import builtin_lr_scheduler, default_optimizer
+from elastic_ckpt.train.parallelize import default_parallelize, fsdp_units
+from elastic_ckpt.train.pretrained import load_pretrained
 from elastic_ckpt.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
-"""``loss_fn(model, batch)`` -> mean loss over the micro-batch (a 0-dim tensor)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StepMetrics:
-    """What one rank reports after each optimizer step (``step`` = steps completed)."""
-
-    step: int
-    loss: float
-    """Mean loss over the global batch (identical on every rank)."""
-    world_size: int
-    samples: int
-    tokens: int
-    lr: float
-    step_time_s: float
-    rank: int
-    sample_ids: tuple[int, ...]
-    """The dataset indices this rank consumed in this step (the sample ledger)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RankHooks:
-    """How the runtime talks to a rank. Hooks run on the training thread and must not block.
-
-    ``should_stop`` is polled once per step; the group agrees (any rank asking stops all) and
-    stops after that step with a checkpoint.
-    """
-
-    should_stop: Callable[[], bool] = lambda: False
-    on_step: Callable[[StepMetrics], None] = lambda metrics: None
-    on_event: Callable[[str, dict[str, Any]], None] = lambda name, fields: None
-
-
-@dataclasses.dataclass(frozen=True)
-class RankResult:
-    final_step: int
-    stopped: bool
-    """True when the run ended early because a stop was requested."""
-    checkpoint: CheckpointInfo | None
-    """The last checkpoint this run committed or restored from."""
-    restored_step: int | None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainJob:
-    """What every rank needs to train; shipped to each rank process once (must pickle:
-    module-level functions or ``functools.partial``, plain datasets)."""
-
-    config: TrainConfig
-    model_fn: Callable[[], nn.Module]
-    dataset: Any
-    loss_fn: LossFn
-    collate_fn: Callable[[list], Any] | None = None
-
-    def trainer(self, hooks: RankHooks, device: torch.device) -> "RankTrainer":
-        return RankTrainer(self.config, self.model_fn, self.dataset, self.loss_fn,
-                           self.collate_fn, hooks=hooks, device=device)
 
 
 class RankTrainer:
     """Runs training for one rank of the default process group."""
 
-    def __init__(self, config: TrainConfig, model_fn: Callable[[], nn.Module], dataset: Any,
-                 loss_fn: LossFn, collate_fn: Callable[[list], Any] | None = None,
-                 hooks: RankHooks = RankHooks(), device: torch.device | None = None) -> None:
+    def __init__(self, job: TrainJob, hooks: RankHooks = RankHooks(),
+                 device: torch.device | None = None) -> None:
+        config, spec = job.config, job.spec
+        self.job = job
         self.config = config
-        self.model_fn = model_fn
-        self.dataset = dataset
-        self.loss_fn = loss_fn
-        self.collate_fn = collate_fn or collate_lm
+        self.dataset = job.dataset
+        model_fn, loss_fn = default_model(config)
+        if spec.model_fn is not None:
+            model_fn, loss_fn = spec.model_fn, spec.loss_fn or loss_fn
+        self.model_fn, self.loss_fn = model_fn, loss_fn
+        self.eval_fn = spec.eval_fn or loss_fn
+        self.collate_fn = spec.collate_fn or collate
         self.hooks = hooks
         self.device = device or torch.device("cpu")
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         data = config.data
-        self.sampler = ElasticSampler(len(dataset), data.global_batch_size, data.seed,
+        self.sampler = ElasticSampler(len(self.dataset), data.global_batch_size, data.seed,
                                       data.shuffle)
         ck = config.checkpoint
         self.ckpt = CheckpointManager(ck.uri, keep_last=ck.keep_last, keep_every=ck.keep_every)
         self.restore_warnings: list[str] = []
+        self._metric_names: list[str] | None = None
 
     # -- setup -------------------------------------------------------------------------------
-    def _build(self) -> tuple[nn.Module, torch.optim.Optimizer]:
-        torch.manual_seed(self.config.seed)  # same initial weights on every rank, any W
+    def _build(self) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        cfg, spec = self.config, self.job.spec
+        torch.manual_seed(cfg.seed)  # a model built off meta: the same weights on every rank
         model = self.model_fn()
-        model = apply_fsdp(model, device_mesh(self.device), self.config.mixed_precision)
-        materialize(model, self.device)
-        o = self.config.optim
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas,
-                                      weight_decay=o.weight_decay)
-        return model, optimizer
+        mesh = device_mesh(self.device)
+        if spec.parallelize_fn is not None:
+            model = spec.parallelize_fn(model, mesh)
+        else:
+            p = cfg.parallel
+            model = default_parallelize(
+                model, mesh, mixed_precision=cfg.mixed_precision,
+                activation_checkpointing=p.activation_checkpointing,
+                reshard_after_forward=p.reshard_after_forward, compile=p.compile,
+                warn=self.rank == 0)
+        materialize(model, self.device, cfg.seed)
+        model.train()
+        optimizer = (spec.optimizer_fn(model) if spec.optimizer_fn is not None
+                     else default_optimizer(model, cfg.optim))
+        if spec.lr_scheduler_fn is not None:
+            scheduler = spec.lr_scheduler_fn(optimizer)
+        else:
+            scheduler = builtin_lr_scheduler(optimizer, cfg.optim, cfg.max_steps)
+        return model, optimizer, scheduler
+
+    def _model_record(self, model: nn.Module) -> dict[str, Any]:
+        """What export needs to write an HF directory: the class, its config, tied names."""
+        groups: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(param), []).append(name)
+        config = getattr(model, "config", None)
+        to_dict = getattr(config, "to_dict", None)
+        return {"class": type(model).__name__,
+                "config": to_dict() if callable(to_dict) else None,
+                "tied": [names for names in groups.values() if len(names) > 1]}
 
     def _schedule_settings(self) -> dict[str, Any]:
         return {"max_steps": self.config.max_steps,
@@ -173,6 +157,19 @@ class RankTrainer:
             log.warning("%s", warning)
         return step, info
 
+    def _init_from(self, model: nn.Module) -> dict[str, Any]:
+        """Pretrained weights for a run with no checkpoint yet (``checkpoint.init_from``)."""
+        ck = self.config.checkpoint
+        if ck.init_from is None:
+            return {}
+        report = load_pretrained(model, ck.init_from, ck.init_key_prefix)
+        if self.rank == 0:
+            log.info("initialized %d tensors from %s (this rank read %.1f of %.1f MB)",
+                     report.tensors, report.uri, report.bytes_read / 1e6,
+                     report.model_bytes / 1e6)
+        return {"init_from": report.uri, "init_bytes_read": report.bytes_read,
+                "model_bytes": report.model_bytes, "init_seconds": report.seconds}
+
     def _trainer_state(self, step: int, tokens_seen: int) -> dict[str, Any]:
         return {"step": step, "samples_seen": step * self.config.data.global_batch_size,
                 "tokens_seen": tokens_seen, "world_size": self.world_size,
@@ -182,22 +179,24 @@ class RankTrainer:
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> RankResult:
         started = time.perf_counter()
-        model, optimizer = self._build()
-        app = AppState(model, optimizer)
+        model, optimizer, scheduler = self._build()
+        app = AppState(model, optimizer, scheduler)
         trainer_state: dict[str, Any] = {}
         t0 = time.perf_counter()
         step, info = self._restore({"app": app, "trainer": trainer_state})
+        pretrained = self._init_from(model) if info is None else {}
         restored = None if info is None else step
         self.hooks.on_event("restore", {
             "seconds": time.perf_counter() - t0, "step": step,
             "from_world_size": None if info is None else info.world_size,
-            "build_seconds": t0 - started,
+            "build_seconds": t0 - started, "fsdp_units": fsdp_units(model),
             "skipped": [{"step": s, "error": e} for s, e in self.ckpt.last_skipped],
-            "warnings": list(self.restore_warnings)})
+            "warnings": list(self.restore_warnings), **pretrained})
+        record = self._model_record(model)
         tokens_seen = int(trainer_state.get("tokens_seen", 0))
         stopped = False
         while step < self.config.max_steps:
-            metrics, stop = self._train_step(model, optimizer, step)
+            metrics, stop = self._train_step(model, optimizer, scheduler, step)
             step += 1
             tokens_seen += metrics.tokens
             if step == (restored or 0) + 1:
@@ -205,8 +204,10 @@ class RankTrainer:
                                                    "since_start_s": time.perf_counter() - started,
                                                    "step": step})
             self.hooks.on_step(metrics)
+            if self._eval_due(step):
+                self._evaluate(model, step)
             if stop or self._due(step):
-                info = self._save(app, step, tokens_seen)
+                info = self._save(app, record, step, tokens_seen)
             if stop:
                 stopped = step < self.config.max_steps
                 break
@@ -219,21 +220,35 @@ class RankTrainer:
             return ck.save_on_finish
         return ck.interval_steps is not None and step % ck.interval_steps == 0
 
-    def _save(self, app: AppState, step: int, tokens_seen: int) -> CheckpointInfo:
+    def _eval_due(self, step: int) -> bool:
+        if self.job.eval_dataset is None:
+            return False
+        every = self.config.eval.interval_steps
+        return step == self.config.max_steps or (every is not None and step % every == 0)
+
+    def _evaluate(self, model: nn.Module, step: int) -> None:
+        ev, data = self.config.eval, self.job.eval_dataset
+        num_samples = min(len(data), ev.max_samples or len(data))
+        micro_batch_size = ev.micro_batch_size or self.config.data.micro_batch_size
+        metrics = evaluate(model, data, self.eval_fn, self.collate_fn, step=step,
+                           num_samples=num_samples, micro_batch_size=micro_batch_size,
+                           device=self.device, to_device=_to_device, count_tokens=_count_tokens)
+        self.hooks.on_eval(metrics)
+
+    def _save(self, app: AppState, record: dict[str, Any], step: int,
+              tokens_seen: int) -> CheckpointInfo:
         t0 = time.perf_counter()
-        info = self.ckpt.save(step, {"app": app,
+        info = self.ckpt.save(step, {"app": app, "model": record,
                                      "trainer": self._trainer_state(step, tokens_seen)})
         self.hooks.on_event("checkpoint", {"seconds": time.perf_counter() - t0, "step": step,
                                            "bytes": info.total_bytes})
         return info
 
-    def _train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+    def _train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     step: int) -> tuple[StepMetrics, bool]:
         t0 = time.perf_counter()
         cfg, w = self.config, self.world_size
-        lr = lr_at(step, cfg.optim, cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lrs = tuple(float(g["lr"]) for g in optimizer.param_groups)
         # Seed only this rank's generators: torch.manual_seed also walks every accelerator
         # backend, which costs ~0.4 ms a step on CPU-only builds.
         seed = (cfg.seed * 1_000_003 + step) * 1009 + self.rank
@@ -248,34 +263,35 @@ class RankTrainer:
                              / cfg.data.micro_batch_size)
         filler = self.sampler.global_batch(step)[:1]
         scale = w / cfg.data.global_batch_size  # FSDP averages over ranks; undo, then / B
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        tokens = 0
+        sums = WeightedSums(self.device)
         for i in range(n_passes):
             ids, weight = (micro[i], len(micro[i])) if i < len(micro) else (filler, 0)
             batch = _to_device(self.collate_fn(fetch(self.dataset, ids)), self.device)
-            loss = self.loss_fn(model, batch)
+            loss, extra = split_loss(self.loss_fn(model, batch))
             (loss * (weight * scale)).backward()
-            if weight:
-                loss_sum += loss.detach().double() * weight
-                tokens += _count_tokens(batch)
+            sums.add(loss, extra, weight, _count_tokens(batch) if weight else 0)
+        names = list(sums.metrics or {})
+        if self._metric_names is None:  # once per run: the reduce below relies on it
+            agree_on_names(names, "loss_fn")
+            self._metric_names = names
+        elif names != self._metric_names:
+            raise ConfigError(f"loss_fn returned metrics {names} at step {step + 1} but "
+                              f"{self._metric_names} before; return the same names every step",
+                              field="loss_fn")
         if cfg.optim.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
         stop_local = 1.0 if self.hooks.should_stop() else 0.0
-        stats = torch.stack([loss_sum, torch.tensor(float(len(local_ids)), dtype=torch.float64,
-                                                    device=self.device),
-                             torch.tensor(float(tokens), dtype=torch.float64,
-                                          device=self.device),
-                             torch.tensor(stop_local, dtype=torch.float64, device=self.device)])
-        work = dist.all_reduce(stats, async_op=True)  # overlaps the optimizer step
+        stats, work = sums.start_reduce([stop_local])  # overlaps the optimizer step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
         work.wait()
-        loss_total, samples, tokens_total, stops = stats.tolist()
+        loss_mean, metric_means, samples, tokens, (stops,) = sums.finish(stats)
         metrics = StepMetrics(
-            step=step + 1, loss=loss_total / max(samples, 1.0), world_size=w,
-            samples=int(samples), tokens=int(tokens_total), lr=lr,
-            step_time_s=time.perf_counter() - t0, rank=self.rank,
-            sample_ids=tuple(int(i) for i in local_ids))
+            step=step + 1, loss=loss_mean, world_size=w, samples=samples, tokens=tokens,
+            lr=lrs[0], step_time_s=time.perf_counter() - t0, rank=self.rank,
+            sample_ids=tuple(int(i) for i in local_ids), metrics=metric_means, lrs=lrs)
         return metrics, stops > 0
 
 

@@ -1,6 +1,8 @@
 """A small GPT-style decoder for demos, tests and benchmarks (``jobs/train.py``'s default).
 
-Plain ``nn.Module``s; ``blocks`` is the list of ``fully_shard`` units.
+Plain ``nn.Module``s; ``blocks`` is the list of ``fully_shard`` units. Initialization is per
+module (``_init_weights(module)``, the Hugging Face convention), so a model built on the meta
+device is initialized one FSDP unit at a time, identically at any world size.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
         self.out = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
+        self.out.depth_scaled_init = True  # residual projection: std / sqrt(2 * n_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -44,20 +47,27 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.init_weights()
+        if not self.head.weight.is_meta:
+            self.apply(self._init_weights)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialize ``module``'s own parameters (not its children's)."""
         std = 0.02
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-        for block in self.blocks:
-            nn.init.normal_(block.out.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            if getattr(module, "depth_scaled_init", False):
+                std /= math.sqrt(2 * self.cfg.n_layers)
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            module.reset_parameters()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.tok_emb
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1]

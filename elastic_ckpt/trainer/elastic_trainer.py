@@ -8,7 +8,6 @@ result = ElasticTrainer(model_fn=..., dataset=..., loss_fn=..., config=TrainConf
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, Callable
 
@@ -19,11 +18,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from elastic_ckpt.checkpoint import CheckpointInfo
 from elastic_ckpt.config import TrainConfig, validate_config
 from elastic_ckpt.coordinator import Coordinator, ScalingEvent
+from elastic_ckpt.coordinator.coordinator import Progress
 from elastic_ckpt.data import ParquetDataset, SyntheticLMDataset
 from elastic_ckpt.errors import ConfigError, TrainingFailedError
-from elastic_ckpt.train import StepMetrics, TrainJob, build_gpt, lm_loss
+from elastic_ckpt.train import EvalMetrics, StepMetrics, TrainJob, TrainSpec
 
-ProgressFn = Callable[[list[StepMetrics], list[ScalingEvent]], None]
+ProgressFn = Callable[[Progress], None]
+"""``on_progress(progress)``: called on the driver with the steps, evals and completed scaling
+events since the previous call."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,39 +39,57 @@ class Result:
     """The scaling timeline: each start/resize/recovery with per-phase seconds, steps lost."""
     sample_ledger: dict[int, tuple[int, ...]]
     """step -> every sample id consumed in it (only with ``record_samples=True``)."""
+    eval_history: tuple[EvalMetrics, ...] = ()
+    """One record per evaluation (step, loss, metrics, samples)."""
 
 
-def dataset_from_config(config: TrainConfig) -> Any:
-    ds = config.data.dataset
+def dataset_from_config(config: TrainConfig, ds: Any = None) -> Any:
+    """The dataset ``ds`` (default ``config.data.dataset``) describes. A synthetic eval set
+    (``eval.dataset``) draws from another seed than the training set."""
+    ds = ds or config.data.dataset
     if ds.kind == "synthetic":
-        return SyntheticLMDataset(ds.num_samples, ds.seq_len, ds.vocab_size, seed=config.seed)
+        seed = config.seed if ds is config.data.dataset else config.seed + 1_000_003
+        return SyntheticLMDataset(ds.num_samples, ds.seq_len, ds.vocab_size, seed=seed)
     return ParquetDataset(ds.uri, column=ds.column, seq_len=ds.seq_len)
 
 
 class ElasticTrainer:
     """Elastic FSDP2 training on the Ray cluster this process is connected to (or an embedded
-    local one). ``model_fn()`` builds the module on every rank; ``dataset`` is map-style;
-    ``loss_fn(model, batch)`` returns the mean loss of a micro-batch. Without them, the
-    built-in GPT, the dataset named in ``config.data.dataset`` and ``lm_loss`` are used."""
+    local one).
+
+    ``model_fn()`` builds the module on every rank (normally or on the meta device);
+    ``dataset`` is map-style; ``loss_fn(model, batch)`` returns the mean loss of a micro-batch
+    (or ``(loss, {name: metric})``). Without them, the model ``config.model`` names, the
+    dataset in ``config.data.dataset`` and its next-token loss are used. The builders
+    ``parallelize_fn``, ``optimizer_fn``, ``lr_scheduler_fn``, ``eval_fn`` and ``collate_fn``
+    are described on ``elastic_ckpt.train.TrainSpec``; ``eval_dataset`` (default
+    ``config.eval.dataset``) is evaluated every ``eval.interval_steps`` and at the end."""
 
     def __init__(self, model_fn: Callable[[], torch.nn.Module] | None = None,
                  dataset: Any | None = None, loss_fn: Callable | None = None,
                  config: TrainConfig | dict | None = None,
                  collate_fn: Callable[[list], Any] | None = None, *,
-                 record_samples: bool = False, on_progress: ProgressFn | None = None) -> None:
+                 parallelize_fn: Callable | None = None, optimizer_fn: Callable | None = None,
+                 lr_scheduler_fn: Callable | None = None, eval_dataset: Any | None = None,
+                 eval_fn: Callable | None = None, record_samples: bool = False,
+                 on_progress: ProgressFn | None = None) -> None:
         if config is None:
             config = TrainConfig()
         elif isinstance(config, dict):
             config = validate_config(config)
         if (model_fn is None) != (loss_fn is None):
-            raise ConfigError("pass model_fn and loss_fn together (or neither, for the built-in "
-                              "GPT and lm_loss)", field="model_fn")
+            raise ConfigError("pass model_fn and loss_fn together (or neither, for the model "
+                              "config.model names and its next-token loss)", field="model_fn")
+        if eval_dataset is None and config.eval.dataset is not None:
+            eval_dataset = dataset_from_config(config, config.eval.dataset)
         self.config = config
+        spec = TrainSpec(model_fn=model_fn, loss_fn=loss_fn, parallelize_fn=parallelize_fn,
+                         optimizer_fn=optimizer_fn, lr_scheduler_fn=lr_scheduler_fn,
+                         eval_fn=eval_fn, collate_fn=collate_fn)
         self.job = TrainJob(
-            config=config,
-            model_fn=model_fn or functools.partial(build_gpt, config.model),
+            config=config, spec=spec,
             dataset=dataset if dataset is not None else dataset_from_config(config),
-            loss_fn=loss_fn or lm_loss, collate_fn=collate_fn)
+            eval_dataset=eval_dataset)
         self.record_samples = record_samples
         self.on_progress = on_progress
 
@@ -93,11 +113,13 @@ class ElasticTrainer:
         if out.error:
             raise TrainingFailedError(out.error)
         return Result(final_step=out.final_step, checkpoint=out.checkpoint, history=out.history,
-                      events=out.events, sample_ledger=out.sample_ledger)
+                      events=out.events, sample_ledger=out.sample_ledger,
+                      eval_history=out.eval_history)
 
-    def _show(self, progress: tuple[list[StepMetrics], list[ScalingEvent]]) -> None:
-        if self.on_progress is not None and (progress[0] or progress[1]):
-            self.on_progress(*progress)
+    def _show(self, progress: Progress) -> None:
+        if self.on_progress is not None and (progress.steps or progress.events
+                                             or progress.evals):
+            self.on_progress(progress)
 
 
 def _ensure_ray() -> None:
