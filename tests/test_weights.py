@@ -412,6 +412,7 @@ def header_file(path, header: dict, data: bytes) -> str:
      r"'w': data_offsets \[8, 4\] is not \[begin, end\]"),
     ({"w": {"shape": [1]}}, b"", r"'w': header entry .* lacks dtype"),
     ([1, 2], b"", r"JSON header that is a list"),
+    ({"__metadata__": "x"}, b"", r"__metadata__ that is a str"),
 ])
 def test_malformed_safetensors_header(tmp_path, header, data, match):
     path = header_file(tmp_path / "bad.safetensors", header, data)

@@ -79,6 +79,9 @@ def read_header(reader: RangeReader, file_size: int,
         raise _corrupt(where, f"has a JSON header that is a {type(header).__name__}, "
                               "not an object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise _corrupt(where, f"has a __metadata__ that is a {type(metadata).__name__}, not an "
+                              "object")
     data_start = 8 + length
     entries = {name: _entry(name, value, data_start, file_size, where)
                for name, value in header.items()}
