@@ -10,6 +10,8 @@ from elastic_ckpt.errors import (
     ElasticCkptError,
     StorageError,
     TrainingFailedError,
+    WeightsCorruptError,
+    WeightsError,
 )
 
 __version__ = "0.1.0"
@@ -51,5 +53,7 @@ __all__ = [
     "StorageError",
     "TrainConfig",
     "TrainingFailedError",
+    "WeightsCorruptError",
+    "WeightsError",
     "verify",
 ]

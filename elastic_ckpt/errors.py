@@ -63,6 +63,17 @@ class CheckpointSaveError(CheckpointError):
     """A save failed; the previous committed checkpoint is untouched."""
 
 
+class WeightsError(CheckpointError):
+    """Pretrained weights cannot be opened or read as asked: nothing recognizable at the URI,
+    a tensor name that is not there, rows outside the tensor, or a file holding something
+    other than a flat dict of tensors. The message names the file and tensor."""
+
+
+class WeightsCorruptError(WeightsError, CheckpointCorruptError):
+    """A weights file is malformed: a truncated file, or a safetensors header that is not
+    valid JSON, has unknown fields, or points outside the file. Re-download or re-export it."""
+
+
 class TrainingFailedError(ElasticCkptError):
     """``fit()`` gave up: failures exceeded ``failure.max_failures``, a fatal error, or fewer
     than ``min_workers`` fit for ``capacity_timeout_s``. The message names the last committed

@@ -9,6 +9,7 @@ from elastic_ckpt.checkpoint.catalog import Catalog, CheckpointInfo, open_checkp
 from elastic_ckpt.checkpoint.manager import CheckpointManager
 from elastic_ckpt.checkpoint.manifest import Manifest
 from elastic_ckpt.checkpoint.verify import verify
+from elastic_ckpt.checkpoint.weights import TensorInfo, WeightSource, open_weights
 
 __all__ = ["AppState", "Catalog", "CheckpointInfo", "CheckpointManager", "Manifest",
-           "open_checkpoint", "verify"]
+           "TensorInfo", "WeightSource", "open_checkpoint", "open_weights", "verify"]
