@@ -26,7 +26,7 @@ from elastic_ckpt.errors import (
     WeightsError,
 )
 from elastic_ckpt.storage import fs as storage_fs
-from elastic_ckpt.train.distributed import apply_fsdp, device_mesh
+from elastic_ckpt.train import default_parallelize, device_mesh
 from elastic_ckpt.train.local import run_ranks
 from test_export import write_grid_checkpoint
 
@@ -245,8 +245,8 @@ def save_fsdp_checkpoints(rank: int, world_size: int, root: str) -> list | None:
     between); returns both full model state dicts from rank 0."""
     torch.manual_seed(0)
     model = cm.ToyModel()
-    apply_fsdp(model, device_mesh(torch.device("cpu")),
-               units=lambda m: [m.emb, m.l1, m.norm, m.l2])
+    default_parallelize(model, device_mesh(torch.device("cpu")),
+                        units=lambda m: [m.emb, m.l1, m.norm, m.l2])
     mgr = CheckpointManager(root, keep_last=None, block_size_bytes=64)
     states = []
     for step in (1, 2):

@@ -33,7 +33,8 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
                     for v in typing.get_args(field.annotation)]
         if variants and all(isinstance(v, type) and issubclass(v, BaseModel) for v in variants):
             for cls in variants:  # a tagged union of sections (data.dataset)
-                rows += _rows(cls, f"{key} ({cls.model_fields['kind'].default}).")
+                kind = typing.get_args(cls.model_fields["kind"].annotation)[0]
+                rows += _rows(cls, f"{key} ({kind}).")
             continue
         doc = (field.description or "").replace("``", "`").replace("|", "\\|").replace("\n", " ")
         rows.append(f"| `{key}` | {_default(field)} | {doc} |")
