@@ -41,6 +41,14 @@ def tiny_config(uri: str, *, max_steps: int = 12, global_batch_size: int = 17,
     )
 
 
+def with_fields(config: TrainConfig, **sections: dict[str, Any]) -> TrainConfig:
+    """``config`` with fields of some sections replaced (validated again)."""
+    raw = config.model_dump(mode="json")
+    for section, fields in sections.items():
+        raw[section] = {**(raw.get(section) or {}), **fields}
+    return TrainConfig.model_validate(raw)
+
+
 def smallest_config(uri: str, **kw: Any) -> TrainConfig:
     """The tiniest GPT: for tests that spawn many groups (up to four ranks on two cores)."""
     args = dict(global_batch_size=7, micro_batch_size=2, num_samples=20, seq_len=8,
