@@ -11,7 +11,9 @@ piece of rows at a time and copied into its box. Nothing is ever held twice:
   the exported state itself.
 
 Only tensors are exported; non-tensor leaves (optimizer hyper-parameters, the data cursor,
-``extra``) stay in the checkpoint. Single process, no ``torch.distributed``.
+``extra``) stay in the checkpoint. Single process, no ``torch.distributed``. A Hugging Face
+model directory (sharded safetensors, index, config.json) is ``export_hf``'s job, built on
+``write_safetensors`` here.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def export_checkpoint(checkpoint_uri: str, output_uri: str, format: ExportFormat
     """
     if format not in EXPORT_FORMATS:
         raise CheckpointError(f"unknown export format {format!r}; choose one of "
-                              f"{', '.join(EXPORT_FORMATS)}", format=format)
+                              f"{', '.join(EXPORT_FORMATS)} (a Hugging Face model directory: "
+                              "export_hf.export_hf)", format=format)
     directory, manifest = open_checkpoint(Storage(checkpoint_uri))
     names = select_tensors(manifest, prefix)
     if format == "safetensors":
@@ -117,9 +120,7 @@ def export_checkpoint(checkpoint_uri: str, output_uri: str, format: ExportFormat
     reader = ChunkReader(directory, manifest)
     with parent.open_write(filename) as out:
         if format == "safetensors":
-            out.write(header)
-            for _, fqn in _safetensors_order(manifest, names):
-                out.write(_byte_view(assemble_tensor(reader, fqn, num_threads=num_threads)))
+            write_safetensors(out, reader, names, header, num_threads=num_threads)
         else:
             state = {name: assemble_tensor(reader, fqn, num_threads=num_threads)
                      for name, fqn in names.items()}
@@ -204,6 +205,17 @@ def safetensors_header(manifest: Manifest, names: dict[str, str]) -> bytes:
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
+
+
+def write_safetensors(out, reader: ChunkReader, names: dict[str, str], header: bytes, *,
+                      num_threads: int = 4) -> None:
+    """Stream one safetensors file to ``out`` (anything with ``write``): ``header`` (from
+    ``safetensors_header(reader.manifest, names)``), then each tensor of ``names`` (exported
+    name -> checkpoint key) assembled and written one at a time, in the header's data order,
+    so peak memory is the largest tensor."""
+    out.write(header)
+    for _, fqn in _safetensors_order(reader.manifest, names):
+        out.write(_byte_view(assemble_tensor(reader, fqn, num_threads=num_threads)))
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
