@@ -117,6 +117,7 @@ def test_valid_manifest_round_trips() -> None:
     (chunk_edit(checksums=checksum.encode(np.zeros(3, dtype="<u4"))), "", "number of checksums"),
     (chunk_edit(offsets=[4, 0]), "", "outside shape"),
     (chunk_edit(offsets=[1, 0]), "", "overlap"),
+    (chunk_edit(offsets=[2, 0]), "", "overlap"),  # one box saved twice
     (chunk_edit(lengths=[1, 3], byte_length=12,
                 checksums=checksum.encode(np.zeros(1, dtype="<u4"))), "", "missing data"),
     (chunk_edit(offsets=[0]), "", "chunk rank does not match"),

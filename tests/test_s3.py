@@ -112,3 +112,34 @@ def test_training_resumes_from_s3_at_another_world_size(s3_root) -> None:
     assert (resumed["restored_step"], resumed["restored_from_world_size"],
             resumed["final_step"]) == (3, 2, 4)
     assert CheckpointManager(s3_root).latest().step == 4
+
+
+def test_hf_export_to_s3(s3_root) -> None:
+    import json
+
+    import torch
+    from safetensors.torch import load
+
+    from elastic_ckpt.checkpoint.export_hf import export_hf
+    from elastic_ckpt.errors import CheckpointError
+
+    w = torch.randn(8, 4)
+    record = {"class": "LlamaForCausalLM", "config": {"model_type": "llama"},
+              "tied": [["emb", "head"]]}
+    info = CheckpointManager(s3_root).save(1, {
+        "app": {"model": {"emb": w, "head": w.clone(), "norm": torch.ones(4)}},
+        "model": record})
+    out = s3_root.replace("?", "/hf?")
+    report = export_hf(info.uri, out, max_shard_size=8 * 4 * 4)  # one shard per tensor
+    assert report.files == ("model-00001-of-00002.safetensors",
+                            "model-00002-of-00002.safetensors",
+                            "model.safetensors.index.json", "config.json")
+    directory = Storage(out)
+    index = json.loads(directory.read_bytes("model.safetensors.index.json"))
+    assert index["weight_map"] == {"emb": report.files[0], "norm": report.files[1]}
+    assert torch.equal(load(directory.read_bytes(report.files[0]))["emb"], w)
+    assert json.loads(directory.read_bytes("config.json"))["architectures"] == [record["class"]]
+    with pytest.raises(CheckpointError, match="is not empty"):
+        export_hf(info.uri, out)
+    assert export_hf(info.uri, out, overwrite=True).files == ("model.safetensors", "config.json")
+    assert [name for name, _ in directory.listdir()] == ["config.json", "model.safetensors"]

@@ -15,8 +15,6 @@ import base64
 import crc32c
 import numpy as np
 
-ALGORITHM = "crc32c"
-
 
 def num_blocks(nbytes: int, block_size: int) -> int:
     return (nbytes + block_size - 1) // block_size

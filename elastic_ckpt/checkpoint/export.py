@@ -11,7 +11,9 @@ piece of rows at a time and copied into its box. Nothing is ever held twice:
   the exported state itself.
 
 Only tensors are exported; non-tensor leaves (optimizer hyper-parameters, the data cursor,
-``extra``) stay in the checkpoint. Single process, no ``torch.distributed``.
+``extra``) stay in the checkpoint. Single process, no ``torch.distributed``. A Hugging Face
+model directory (sharded safetensors, index, config.json) is ``export_hf``'s job, built on
+``write_safetensors`` here.
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ from typing import Literal
 import torch
 
 from elastic_ckpt.checkpoint.catalog import open_checkpoint
-from elastic_ckpt.checkpoint.manifest import ChunkEntry, Manifest, TensorEntry
+from elastic_ckpt.checkpoint.manifest import (
+    ChunkEntry,
+    Manifest,
+    TensorEntry,
+    is_whole_rows,
+)
 from elastic_ckpt.checkpoint.reader import ChunkReader
-from elastic_ckpt.errors import CheckpointCorruptError, CheckpointError
+from elastic_ckpt.errors import CheckpointError
 from elastic_ckpt.storage import Storage
 
 ExportFormat = Literal["safetensors", "torch"]
@@ -99,11 +106,10 @@ def export_checkpoint(checkpoint_uri: str, output_uri: str, format: ExportFormat
     """
     if format not in EXPORT_FORMATS:
         raise CheckpointError(f"unknown export format {format!r}; choose one of "
-                              f"{', '.join(EXPORT_FORMATS)}", format=format)
+                              f"{', '.join(EXPORT_FORMATS)} (a Hugging Face model directory: "
+                              "export_hf.export_hf)", format=format)
     directory, manifest = open_checkpoint(Storage(checkpoint_uri))
     names = select_tensors(manifest, prefix)
-    for fqn in names.values():
-        _check_tiling(fqn, manifest.tensors[fqn])
     if format == "safetensors":
         header = safetensors_header(manifest, names)
     parent, filename = _split_output(output_uri)
@@ -114,9 +120,7 @@ def export_checkpoint(checkpoint_uri: str, output_uri: str, format: ExportFormat
     reader = ChunkReader(directory, manifest)
     with parent.open_write(filename) as out:
         if format == "safetensors":
-            out.write(header)
-            for _, fqn in _safetensors_order(manifest, names):
-                out.write(_byte_view(assemble_tensor(reader, fqn, num_threads=num_threads)))
+            write_safetensors(out, reader, names, header, num_threads=num_threads)
         else:
             state = {name: assemble_tensor(reader, fqn, num_threads=num_threads)
                      for name, fqn in names.items()}
@@ -134,11 +138,13 @@ def assemble_tensor(reader: ChunkReader, fqn: str, *, num_threads: int = 4,
                     piece_bytes: int = _PIECE_BYTES) -> torch.Tensor:
     """The full global tensor ``fqn``, allocated once and filled chunk by chunk with verified
     reads. Chunks are read in parallel (disjoint destinations); a chunk that is not a run of
-    whole rows goes through a temporary of at most about ``piece_bytes`` (one row at least)."""
+    whole rows goes through a temporary of at most about ``piece_bytes`` (one row at least).
+
+    Relies on the manifest having been validated (``Manifest`` parsing refuses chunks that do
+    not tile the shape exactly), so every element of the result is written exactly once."""
     entry = reader.manifest.tensors[fqn]
-    _check_tiling(fqn, entry)
     full = torch.empty(entry.shape, dtype=entry.torch_dtype)
-    chunks = sorted(_distinct_chunks(entry), key=lambda c: (c.file, c.byte_offset))
+    chunks = sorted(entry.chunks, key=lambda c: (c.file, c.byte_offset))
     if num_threads > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(min(num_threads, len(chunks)),
                                 thread_name_prefix="ckpt-export") as pool:
@@ -156,7 +162,8 @@ def _fill_chunk(reader: ChunkReader, fqn: str, entry: TensorEntry, chunk: ChunkE
         reader.read_rows(fqn, entry, chunk, 0, 0, out=full)
         return
     rows_of_chunk = chunk.lengths[0]
-    if _whole_rows(entry, chunk):  # contiguous in ``full``: read straight into it
+    if is_whole_rows(chunk.offsets, chunk.lengths, entry.shape):
+        # Contiguous in ``full``: read straight into it.
         dest = full.narrow(0, chunk.offsets[0], rows_of_chunk)
         reader.read_rows(fqn, entry, chunk, 0, rows_of_chunk, out=dest)
         return
@@ -169,45 +176,6 @@ def _fill_chunk(reader: ChunkReader, fqn: str, entry: TensorEntry, chunk: ChunkE
         nrows = min(step, rows_of_chunk - row0)
         piece, _ = reader.read_rows(fqn, entry, chunk, row0, nrows)
         box.narrow(0, chunk.offsets[0] + row0, nrows).copy_(piece)
-
-
-def _whole_rows(entry: TensorEntry, chunk: ChunkEntry) -> bool:
-    return (all(o == 0 for o in chunk.offsets[1:])
-            and tuple(chunk.lengths[1:]) == tuple(entry.shape[1:]))
-
-
-def _distinct_chunks(entry: TensorEntry) -> list[ChunkEntry]:
-    """Chunks with distinct boxes; an identical box saved twice (a replicated tensor written
-    by several ranks) is read once."""
-    seen: dict[tuple, ChunkEntry] = {}
-    for c in entry.chunks:
-        seen.setdefault((tuple(c.offsets), tuple(c.lengths)), c)
-    return list(seen.values())
-
-
-def _check_tiling(fqn: str, entry: TensorEntry) -> None:
-    """The chunks must cover the global shape exactly once, or the export would contain
-    uninitialized memory."""
-    chunks = _distinct_chunks(entry)
-    covered = sum(math.prod(c.lengths) for c in chunks)
-    overlap = next(((a, b) for i, a in enumerate(chunks) for b in chunks[i + 1:]
-                    if _boxes_overlap(a, b)), None)
-    if overlap is None and covered == math.prod(entry.shape):
-        return
-    if overlap is not None:
-        a, b = overlap
-        what = (f"chunks at offsets {list(a.offsets)} and {list(b.offsets)} overlap")
-    else:
-        what = (f"its chunks cover {covered} of {math.prod(entry.shape)} elements "
-                "(a chunk is missing from the manifest)")
-    raise CheckpointCorruptError(
-        f"tensor {fqn!r} (shape {list(entry.shape)}): {what}; the manifest is inconsistent "
-        "and the tensor cannot be assembled. Use an older checkpoint.", tensor=fqn)
-
-
-def _boxes_overlap(a: ChunkEntry, b: ChunkEntry) -> bool:
-    return all(max(ao, bo) < min(ao + an, bo + bn) for ao, an, bo, bn in
-               zip(a.offsets, a.lengths, b.offsets, b.lengths))
 
 
 # -- safetensors -----------------------------------------------------------------------------
@@ -237,6 +205,17 @@ def safetensors_header(manifest: Manifest, names: dict[str, str]) -> bytes:
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
+
+
+def write_safetensors(out, reader: ChunkReader, names: dict[str, str], header: bytes, *,
+                      num_threads: int = 4) -> None:
+    """Stream one safetensors file to ``out`` (anything with ``write``): ``header`` (from
+    ``safetensors_header(reader.manifest, names)``), then each tensor of ``names`` (exported
+    name -> checkpoint key) assembled and written one at a time, in the header's data order,
+    so peak memory is the largest tensor."""
+    out.write(header)
+    for _, fqn in _safetensors_order(reader.manifest, names):
+        out.write(_byte_view(assemble_tensor(reader, fqn, num_threads=num_threads)))
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:

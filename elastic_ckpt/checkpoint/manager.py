@@ -84,7 +84,6 @@ class CheckpointManager:
         self.process_group = process_group
         self.on_phase = on_phase
         self.last_read_stats = ReadStats()
-        self.last_timings: dict[str, float] = {}
         self.last_skipped: list[tuple[int, str]] = []
         """``(step, error)`` of each corrupt checkpoint the last ``load(fallback=True)``
         skipped (and marked CORRUPT), newest first."""
@@ -125,7 +124,6 @@ class CheckpointManager:
             raise CheckpointSaveError(f"step must be a non-negative int, got {step!r}")
         dcp_state, extra = _split_state(state)
         name = step_dirname(step)
-        started = time.perf_counter()
         failure = None
         if self._rank() == 0:
             try:
@@ -141,7 +139,6 @@ class CheckpointManager:
         metadata = self._run_dcp(lambda: dcp.save(dcp_state, storage_writer=writer,
                                        planner=JsonSavePlanner(),
                                        process_group=self.process_group))
-        self.last_timings = {"save_s": time.perf_counter() - started}
         if self._rank() == 0:
             self._apply_retention(in_progress=frozenset())
         # dcp.save hands every rank the global metadata, so no extra collective is needed.
@@ -190,7 +187,6 @@ class CheckpointManager:
             f"newest error: {self.last_skipped[0][1]}", path=self.uri) from error
 
     def _load_step(self, state: dict[str, Any], step: int) -> CheckpointInfo:
-        started = time.perf_counter()
         opened: tuple[Storage, Any] | None = None
         failure: BaseException | None = None
         try:
@@ -214,7 +210,6 @@ class CheckpointManager:
                 state[key].clear()
                 state[key].update(value)
         self.last_read_stats = reader.stats
-        self.last_timings = {"load_s": time.perf_counter() - started}
         return info
 
     def _quarantine(self, step: int, reason: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -159,8 +159,10 @@ class Manifest(_Frozen):
 
     @model_validator(mode="after")
     def _chunks_consistent(self) -> "Manifest":
+        """Every chunk lies inside its tensor, with the right byte length and checksum count,
+        and the chunks tile the tensor exactly: the one place this is checked, so every
+        reader (load, verify, export) can fill a tensor from its chunks without re-checking."""
         for fqn, t in self.tensors.items():
-            _check_exact_cover(fqn, t)
             for c in t.chunks:
                 if len(c.offsets) != len(t.shape) or len(c.lengths) != len(t.shape):
                     raise ValueError(f"tensor {fqn!r}: chunk rank does not match shape {t.shape}")
@@ -175,6 +177,7 @@ class Manifest(_Frozen):
                 if len(c.checksums) != 4 * (-(-4 * blocks // 3)):
                     raise ValueError(f"tensor {fqn!r}: chunk at {c.offsets} has the wrong "
                                      f"number of checksums (expected {blocks} blocks)")
+            _check_exact_cover(fqn, t)
         return self
 
     @property
@@ -201,9 +204,10 @@ class Manifest(_Frozen):
 
 def _check_exact_cover(fqn: str, t: TensorEntry) -> None:
     """The chunks must tile the global shape: a gap would leave part of the destination
-    unwritten on load (stale values, silently), an overlap means a forged manifest."""
-    if any(len(c.offsets) != len(t.shape) for c in t.chunks):
-        return  # reported with a clearer message by the per-chunk check
+    unwritten on load or export (stale values or uninitialized memory, silently), an overlap
+    (a box saved twice included) means a forged manifest. With every chunk already known to
+    lie inside the shape, total volume equal to the shape's and no two non-empty boxes
+    overlapping is exactly that."""
     volume = sum(math.prod(c.lengths) for c in t.chunks)
     if volume != math.prod(t.shape):
         raise ValueError(f"tensor {fqn!r}: chunks cover {volume} of {math.prod(t.shape)} "
@@ -213,6 +217,15 @@ def _check_exact_cover(fqn: str, t: TensorEntry) -> None:
         for ob, lb in boxes[i + 1:]:
             if all(a < b + m and b < a + n for a, n, b, m in zip(oa, la, ob, lb)):
                 raise ValueError(f"tensor {fqn!r}: chunks at {list(oa)} and {list(ob)} overlap")
+
+
+def is_whole_rows(offsets: Sequence[int], lengths: Sequence[int],
+                  shape: Sequence[int]) -> bool:
+    """Whether the box ``offsets``/``lengths`` of an array of ``shape`` spans every index of
+    every dim but the first, i.e. is one run of whole rows, contiguous in row-major order:
+    every FSDP2 ``Shard(0)`` chunk of its tensor, any dim-0 slice of a chunk. A 0-d box (a
+    scalar) counts as whole rows."""
+    return all(o == 0 for o in offsets[1:]) and tuple(lengths[1:]) == tuple(shape[1:])
 
 
 # -- JSON codec for non-tensor leaves ------------------------------------------------------

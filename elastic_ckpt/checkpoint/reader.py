@@ -29,7 +29,13 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from elastic_ckpt.checkpoint import checksum
-from elastic_ckpt.checkpoint.manifest import MANIFEST_FILE, ChunkEntry, Manifest, TensorEntry
+from elastic_ckpt.checkpoint.manifest import (
+    MANIFEST_FILE,
+    ChunkEntry,
+    Manifest,
+    TensorEntry,
+    is_whole_rows,
+)
 from elastic_ckpt.errors import CheckpointCorruptError, StorageError
 from elastic_ckpt.storage import Storage
 
@@ -228,8 +234,7 @@ class ShardReader(StorageReader):
         entry = self.manifest.tensors[fqn]
         chunk = self._index[(fqn, tuple(item.storage_index.offset))]
         offs, lens = tuple(item.storage_offsets), tuple(item.lengths)
-        whole_rows = all(o == 0 and n == c for o, n, c in
-                         zip(offs[1:], lens[1:], chunk.lengths[1:]))
+        whole_rows = is_whole_rows(offs, lens, chunk.lengths)  # of the chunk
         row0, nrows = (offs[0], lens[0]) if lens else (0, 0)
         direct = (whole_rows and dest.device.type == "cpu" and dest.is_contiguous()
                   and dest.dtype == entry.torch_dtype)

@@ -91,8 +91,6 @@ class ShardWriter(StorageWriter):
         self.on_phase = on_phase or (lambda phase: None)
         self.process_group = process_group
         self.rank = 0
-        self.manifest: Manifest | None = None
-        self.bytes_written = 0
 
     # -- StorageWriter protocol --------------------------------------------------------------
     def reset(self, checkpoint_id=None) -> None:
@@ -129,7 +127,6 @@ class ShardWriter(StorageWriter):
                 )
                 results.append(WriteResult(index=item.index, size_in_bytes=len(data),
                                            storage_data=written))
-            self.bytes_written = out.offset
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
                 text = planner.resolve_data(item).getvalue().decode()
@@ -146,7 +143,6 @@ class ShardWriter(StorageWriter):
         self.directory.write_atomic(MANIFEST_FILE, manifest.to_json())
         self.on_phase("manifest_written")
         self.directory.write_atomic(COMMITTED_FILE, b"")
-        self.manifest = manifest
         self.on_phase("committed")
 
     def storage_meta(self) -> StorageMeta | None:

@@ -1,4 +1,5 @@
-"""``elastic-ckpt ls | inspect | verify | export``.
+"""``elastic-ckpt ls | inspect | verify | export`` (``export --format hf``: a Hugging Face
+model directory).
 
 Exit status: 0 on success, 1 when the checkpoint or the storage is at fault (an
 ``ElasticCkptError``: not found, not committed, corrupt, unwritable output), 2 for usage
@@ -16,7 +17,15 @@ import time
 from typing import Any, Callable
 
 from elastic_ckpt.checkpoint.catalog import Catalog, open_checkpoint
-from elastic_ckpt.checkpoint.export import EXPORT_FORMATS, export_checkpoint
+from elastic_ckpt.checkpoint.export import EXPORT_FORMATS, ExportReport, export_checkpoint
+from elastic_ckpt.checkpoint.export_hf import (
+    DEFAULT_MAX_SHARD_SIZE,
+    HF_DEFAULT_PREFIX,
+    HF_FORMAT,
+    HFExportReport,
+    export_hf,
+    parse_size,
+)
 from elastic_ckpt.checkpoint.manifest import COMMITTED_FILE, MANIFEST_FILE
 from elastic_ckpt.checkpoint.verify import verify
 from elastic_ckpt.cli import views
@@ -29,6 +38,7 @@ from elastic_ckpt.storage import Storage
 
 PROG = "elastic-ckpt"
 _SUFFIX_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+_ALL_FORMATS = (*EXPORT_FORMATS, HF_FORMAT)
 
 
 # -- commands: each takes the parsed args and returns (JSON-able result, text) ----------------
@@ -69,24 +79,39 @@ def cmd_verify(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 def cmd_export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     started = time.perf_counter()
-    report = _explain_root(args.checkpoint, lambda: export_checkpoint(
-        args.checkpoint, args.output, args.format, args.prefix, overwrite=args.overwrite))
+    report = _explain_root(args.checkpoint, lambda: _run_export(args))
     seconds = time.perf_counter() - started
     result = {"ok": True, "checkpoint": report.checkpoint_uri, "output": report.output_uri,
               "step": report.step, "format": report.format, "num_tensors": report.num_tensors,
               "total_bytes": report.total_bytes,
               "num_skipped_tensors": report.num_skipped_tensors,
               "num_objects_not_exported": report.num_objects, "seconds": round(seconds, 6)}
-    text = (f"exported {report.num_tensors} tensors ({views.human_bytes(report.total_bytes)}) "
-            f"of step {report.step} to {report.output_uri} ({report.format}) in "
-            f"{seconds:.2f} s")
-    notes = []
+    what, left_out, notes = report.format, [], ()
+    if isinstance(report, HFExportReport):
+        result.update(files=list(report.files), tied_dropped=dict(report.tied_dropped),
+                      config_written=report.config_written, notes=list(report.notes))
+        what = f"{report.format}: {', '.join(report.files)}"
+        left_out = [f"{name} not written (tied to {kept})"
+                    for name, kept in report.tied_dropped.items()]
+        notes = report.notes
     if report.num_skipped_tensors:
-        notes.append(f"{report.num_skipped_tensors} tensors outside prefix "
-                     f"{args.prefix!r} skipped")
+        left_out.append(f"{report.num_skipped_tensors} tensors outside prefix "
+                        f"{args.prefix!r} skipped")
     if report.num_objects:
-        notes.append(f"{report.num_objects} non-tensor objects not exported")
-    return result, text + (f"; {'; '.join(notes)}" if notes else "")
+        left_out.append(f"{report.num_objects} non-tensor objects not exported")
+    text = (f"exported {report.num_tensors} tensors ({views.human_bytes(report.total_bytes)}) "
+            f"of step {report.step} to {report.output_uri} ({what}) in {seconds:.2f} s")
+    text += f"; {'; '.join(left_out)}" if left_out else ""
+    return result, "\n".join([text, *(f"note: {note}" for note in notes)])
+
+
+def _run_export(args: argparse.Namespace) -> ExportReport:
+    if args.format == HF_FORMAT:
+        return export_hf(args.checkpoint, args.output, args.prefix,
+                         max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                         overwrite=args.overwrite)
+    return export_checkpoint(args.checkpoint, args.output, args.format, args.prefix,
+                             overwrite=args.overwrite)
 
 
 def _explain_root(uri: str, fn: Callable[[], Any]) -> Any:
@@ -152,23 +177,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a full, unsharded state dict for inference",
                        description="Assemble every selected tensor from its shards (verifying "
-                                   "every byte read) and write one unsharded file. Each tensor "
+                                   "every byte read) and write one unsharded file, or with "
+                                   "--format hf a Hugging Face model directory. Each tensor "
                                    "is held in memory once; safetensors output is streamed, so "
                                    "peak memory is the largest tensor. Only tensors are "
                                    "exported: non-tensor objects (optimizer hyper-parameters, "
                                    "extra state) are not.",
                        epilog="For an inference state dict of a model saved with AppState, "
-                              "use --prefix app.model. (keys then match model.state_dict()).")
+                              "use --prefix app.model. (keys then match model.state_dict()). "
+                              "--format hf writes OUT/model.safetensors (or numbered shards "
+                              "and model.safetensors.index.json) with tied weights written "
+                              "once, and OUT/config.json from the model record the trainer "
+                              "saves, so from_pretrained(OUT) loads it.")
     p.add_argument("checkpoint", metavar="CKPT", help="a committed checkpoint directory")
-    p.add_argument("output", metavar="OUT", help="output file path or URI")
-    p.add_argument("--format", choices=EXPORT_FORMATS, default=None,
+    p.add_argument("output", metavar="OUT",
+                   help="output file path or URI (a directory for --format hf)")
+    p.add_argument("--format", choices=_ALL_FORMATS, default=None,
                    help="output format (default: from OUT's suffix: .safetensors -> "
-                        "safetensors, .pt/.pth -> torch)")
-    p.add_argument("--prefix", default="", metavar="PREFIX",
+                        "safetensors, .pt/.pth -> torch); hf: a Hugging Face model directory")
+    p.add_argument("--prefix", default=None, metavar="PREFIX",
                    help="export only tensors whose key starts with PREFIX, with PREFIX "
                         "stripped; a trailing '.' is implied (default: '' = every tensor, "
-                        "keys as `inspect` shows them)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+                        f"keys as `inspect` shows them; {HF_DEFAULT_PREFIX} for hf)")
+    p.add_argument("--max-shard-size", default=None, metavar="SIZE", type=_shard_size,
+                   help="hf only: largest safetensors file, e.g. 500MB, 2GiB or a byte count; "
+                        "more weights than that are split into numbered shards plus an index "
+                        f"(default: {DEFAULT_MAX_SHARD_SIZE})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists (hf: replace the model files in a "
+                        "non-empty OUT, keeping other files)")
     _add_json(p)
     p.set_defaults(func=cmd_export, subparser=p)
     return parser
@@ -179,16 +216,29 @@ def _add_json(p: argparse.ArgumentParser) -> None:
                    help="print one JSON document on stdout instead of text")
 
 
-def _resolve_export_format(args: argparse.Namespace) -> None:
-    """Fill ``--format`` from OUT's suffix, or fail as a usage error."""
-    if args.command != "export" or args.format is not None:
+def _shard_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _resolve_export_args(args: argparse.Namespace) -> None:
+    """Fill ``--format`` from OUT's suffix and ``--prefix`` from the format, or fail as a
+    usage error."""
+    if args.command != "export":
         return
-    for suffix, fmt in _SUFFIX_FORMATS.items():
-        if args.output.lower().endswith(suffix):
-            args.format = fmt
-            return
-    args.subparser.error(f"cannot tell the format from {args.output!r}; pass "
-                         f"--format {{{','.join(EXPORT_FORMATS)}}}")
+    if args.format is None:
+        args.format = next((fmt for suffix, fmt in _SUFFIX_FORMATS.items()
+                            if args.output.lower().endswith(suffix)), None)
+    if args.format is None:
+        args.subparser.error(f"cannot tell the format from {args.output!r}; pass "
+                             f"--format {{{','.join(_ALL_FORMATS)}}}")
+    if args.max_shard_size is not None and args.format != HF_FORMAT:
+        args.subparser.error(f"--max-shard-size applies to --format {HF_FORMAT} only "
+                             f"(--format {args.format} writes one file)")
+    if args.prefix is None:
+        args.prefix = HF_DEFAULT_PREFIX if args.format == HF_FORMAT else ""
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -197,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        _resolve_export_format(args)
+        _resolve_export_args(args)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     try:

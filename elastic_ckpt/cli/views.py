@@ -11,7 +11,13 @@ import json
 from typing import Any
 
 from elastic_ckpt.checkpoint.catalog import Catalog, quarantine_reason
-from elastic_ckpt.checkpoint.manifest import MANIFEST_FILE, ChunkEntry, Manifest, TensorEntry
+from elastic_ckpt.checkpoint.manifest import (
+    MANIFEST_FILE,
+    ChunkEntry,
+    Manifest,
+    TensorEntry,
+    is_whole_rows,
+)
 from elastic_ckpt.errors import CheckpointError
 from elastic_ckpt.storage import Storage
 
@@ -127,8 +133,8 @@ def _tensor_view(fqn: str, entry: TensorEntry) -> dict[str, Any]:
 
 
 def _chunk_view(entry: TensorEntry, c: ChunkEntry) -> dict[str, Any]:
-    whole_rows = bool(entry.shape) and all(o == 0 for o in c.offsets[1:]) and \
-        tuple(c.lengths[1:]) == tuple(entry.shape[1:])
+    # A scalar is shown as "whole tensor", not as rows.
+    whole_rows = bool(entry.shape) and is_whole_rows(c.offsets, c.lengths, entry.shape)
     return {
         "rank": c.rank,
         "offsets": list(c.offsets),

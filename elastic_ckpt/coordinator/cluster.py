@@ -26,14 +26,6 @@ class ClusterSnapshot:
     taken_s: float
     nodes: tuple[NodeView, ...]
 
-    @property
-    def draining_ids(self) -> frozenset[str]:
-        return frozenset(n.node_id for n in self.nodes if n.draining)
-
-    @property
-    def alive_ids(self) -> frozenset[str]:
-        return frozenset(n.node_id for n in self.nodes)
-
     def capacity(self, bundle: dict[str, float], own_bundles: dict[str, int]) -> int:
         """Workers that fit on alive, non-draining nodes: what is free plus the bundles the
         running group already holds there (``own_bundles``: node id -> count)."""

@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any, Literal
 
-EventKind = Literal["start", "scale_up", "drain", "scale_down", "failure"]
+EventKind = Literal["start", "scale_up", "drain", "failure"]
 PHASES = ("detect", "drain", "save", "teardown", "wait_capacity", "placement", "actors",
           "rendezvous", "build", "load", "first_step")
 """Phase names, in order: ``detect`` (event to decision; for crashes, last healthy poll to

@@ -28,7 +28,7 @@ class Observation:
 @dataclasses.dataclass(frozen=True)
 class ResizeDecision:
     num_workers: int
-    reason: Literal["scale_up", "drain", "scale_down"]
+    reason: Literal["scale_up", "drain"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,6 @@ class FailureKind(enum.Enum):
 class Failure:
     kind: FailureKind
     message: str
-    rank: int | None = None
 
 
 class FailureDecision(enum.Enum):

@@ -161,16 +161,16 @@ def _classify(exc: BaseException, rank: int | None) -> Failure:
     if isinstance(exc, RayTaskError):
         cause = exc.cause if hasattr(exc, "cause") else None
         if isinstance(cause, _FATAL):
-            return Failure(FailureKind.FATAL, f"{where}: {cause}", rank)
+            return Failure(FailureKind.FATAL, f"{where}: {cause}")
         if isinstance(cause, RayActorError):
-            return Failure(FailureKind.WORKER_DIED, f"{where}: {cause}", rank)
-        return Failure(FailureKind.TRAINING_ERROR, f"{where}: {exc}", rank)
+            return Failure(FailureKind.WORKER_DIED, f"{where}: {cause}")
+        return Failure(FailureKind.TRAINING_ERROR, f"{where}: {exc}")
     if isinstance(exc, RayActorError):
         text = str(exc)
         preempted = getattr(exc, "preempted", False)
         if preempted:
-            return Failure(FailureKind.PREEMPTED, f"{where} was preempted: {text}", rank)
+            return Failure(FailureKind.PREEMPTED, f"{where} was preempted: {text}")
         node_died = "node" in text.lower() and ("died" in text.lower() or "dead" in text.lower())
         kind = FailureKind.NODE_DIED if node_died else FailureKind.WORKER_DIED
-        return Failure(kind, f"{where} died: {text.splitlines()[0] if text else ''}", rank)
-    return Failure(FailureKind.WORKER_DIED, f"{where}: {exc}", rank)
+        return Failure(kind, f"{where} died: {text.splitlines()[0] if text else ''}")
+    return Failure(FailureKind.WORKER_DIED, f"{where}: {exc}")

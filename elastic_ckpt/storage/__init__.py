@@ -3,6 +3,6 @@
 Nothing here knows about tensors. Paths stay strings because ``s3://bucket/x`` is not a ``Path``.
 """
 
-from elastic_ckpt.storage.fs import Storage, join_uri, open_storage, resolve
+from elastic_ckpt.storage.fs import Storage, join_uri, resolve
 
-__all__ = ["Storage", "join_uri", "open_storage", "resolve"]
+__all__ = ["Storage", "join_uri", "resolve"]

@@ -51,10 +51,6 @@ def join_uri(uri: str, *parts: str) -> str:
     return f"{out}{sep}{query}"
 
 
-def open_storage(uri: str, filesystem: pafs.FileSystem | None = None) -> "Storage":
-    return Storage(uri, filesystem)
-
-
 class Storage:
     """A root URI and its filesystem. Every ``name`` argument is relative to the root.
 
