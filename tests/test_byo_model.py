@@ -154,7 +154,7 @@ def test_meta_parameter_no_init_code_writes_is_an_error():
 # -- eval and custom metrics ---------------------------------------------------------------------
 @pytest.mark.timeout(240)
 def test_eval_is_identical_at_every_world_size_and_metrics_are_sample_weighted(tmp_path):
-    cfg = with_fields(tiny_config(str(tmp_path / "a"), max_steps=2),
+    cfg = with_fields(tiny_config(str(tmp_path / "a"), max_steps=2, warmup_steps=0),
                       eval={"interval_steps": 1, "max_samples": 13, "micro_batch_size": 4})
     eval_set = SyntheticLMDataset(20, 16, 64, seed=99)
     spec = TrainSpec(optimizer_fn=frozen_sgd, loss_fn=lm_loss_with_metrics,
@@ -224,10 +224,10 @@ def _pretrained_dirs(tmp_path):
 @pytest.mark.timeout(300)
 def test_init_from_hf_weights_step_one_loss_matches_offline(tmp_path):
     model, sources = _pretrained_dirs(tmp_path)
-    segs = [Segment(with_fields(hf_config(str(tmp_path / f"run-{name}"), max_steps=2),
+    segs = [Segment(with_fields(hf_config(str(tmp_path / f"run-{name}"), max_steps=3),
                                 checkpoint={"init_from": str(path)}))
             for name, path in sources.items()]
-    segs.append(Segment(hf_config(str(tmp_path / "run-random"), max_steps=2)))
+    segs.append(Segment(hf_config(str(tmp_path / "run-random"), max_steps=3)))
     outs = run_ranks(2, run_segments, segs)
     cfg = segs[0].config
     ids = ElasticSampler(len(dataset_for(cfg)), cfg.data.global_batch_size,
@@ -267,7 +267,7 @@ def test_init_from_with_wrong_keys_or_shapes_fails_before_step_one(tmp_path):
     shallow.save_pretrained(tmp_path / "shallow")
     results = {}
     for name in ("wider", "deeper", "shallow"):
-        cfg = with_fields(hf_config(str(tmp_path / f"run-{name}"), max_steps=2),
+        cfg = with_fields(hf_config(str(tmp_path / f"run-{name}"), max_steps=3),
                           checkpoint={"init_from": str(tmp_path / name)})
         results[name] = run_ranks(2, _bad_init, Segment(cfg))
     for name, messages in results.items():

@@ -54,12 +54,12 @@ def _train_and_save(rank: int, world_size: int, root: str):
     from transformers import LlamaForCausalLM
 
     from elastic_ckpt.checkpoint.app_state import AppState
-    from elastic_ckpt.train.distributed import apply_fsdp, device_mesh
+    from elastic_ckpt.train import default_parallelize, device_mesh
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config())
     model_class = type(model).__name__  # before fully_shard renames it FSDPLlamaForCausalLM
-    apply_fsdp(model, device_mesh(torch.device("cpu")))
+    default_parallelize(model, device_mesh(torch.device("cpu")))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(100 + rank)
     for _ in range(2):

@@ -26,6 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from elastic_ckpt.errors import ConfigError
+from elastic_ckpt.train.parallelize import model_class_name
 
 
 def has_meta_state(model: nn.Module) -> bool:
@@ -141,7 +142,7 @@ def _seeded(seed: int, name: str, device: torch.device) -> Iterator[None]:
 def _check_written(unit: str, module: nn.Module, attr: str, value: torch.Tensor) -> None:
     if value.is_floating_point() and torch.isnan(value).any():
         raise ConfigError(
-            f"{type(module).__name__}.{attr} (in FSDP unit {unit or '<root>'!r}) was built on "
+            f"{model_class_name(module)}.{attr} (in FSDP unit {unit or '<root>'!r}) was built on "
             "the meta device and no init code wrote it: give the module reset_parameters() "
             "(or the model an HF-style _init_weights(module)), or build the model off meta",
             field="model_fn")

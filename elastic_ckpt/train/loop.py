@@ -34,7 +34,7 @@ from elastic_ckpt.train.job import (
     default_model,
 )
 from elastic_ckpt.train.optim import builtin_lr_scheduler, default_optimizer
-from elastic_ckpt.train.parallelize import default_parallelize, fsdp_units
+from elastic_ckpt.train.parallelize import default_parallelize, fsdp_units, model_class_name
 from elastic_ckpt.train.pretrained import load_pretrained
 from elastic_ckpt.train.schedule import lr_at
 
@@ -100,7 +100,7 @@ class RankTrainer:
             groups.setdefault(id(param), []).append(name)
         config = getattr(model, "config", None)
         to_dict = getattr(config, "to_dict", None)
-        return {"class": type(model).__name__,
+        return {"class": model_class_name(model),
                 "config": to_dict() if callable(to_dict) else None,
                 "tied": [names for names in groups.values() if len(names) > 1]}
 

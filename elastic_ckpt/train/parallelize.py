@@ -144,6 +144,11 @@ def _checkpoint_activations(model: nn.Module, blocks: list[nn.Module]) -> None:
         block.forward = forward
 
 
+def model_class_name(module: nn.Module) -> str:
+    """The user's class name (``fully_shard`` swaps in a generated ``FSDP<Name>`` subclass)."""
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def fsdp_units(model: nn.Module) -> list[str]:
     """Names of the modules that are FSDP2 units (the root is ``""``), in module order."""
     return [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from elastic_ckpt.errors import ConfigError
+from elastic_ckpt.train.parallelize import model_class_name
 
 _SHOW = 5  # keys named in an error
 
@@ -94,7 +95,7 @@ def _plan(model: nn.Module, source, prefix: str) -> list[tuple[str, torch.Tensor
                             + ", ".join(unexpected[:_SHOW]))
         hint = ("" if prefix or not unexpected else
                 "; if the file's keys carry a prefix, set checkpoint.init_key_prefix")
-        raise ConfigError(f"{where} does not match the model {type(model).__name__}: "
+        raise ConfigError(f"{where} does not match the model {model_class_name(model)}: "
                           + ". ".join(problems) + hint, field="checkpoint.init_from")
     return plan
 
