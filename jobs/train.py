@@ -1,4 +1,4 @@
-"""Elastic FSDP2 training of the built-in GPT on Ray.
+"""Elastic FSDP2 training on Ray of the model the config names (built-in GPT or an HF model).
 
     python jobs/train.py                                   # embedded local Ray, CPU, defaults
     python jobs/train.py --config configs/cpu_default.yaml --set max_steps=100
@@ -24,11 +24,23 @@ from elastic_ckpt.trainer.progress import ProgressPrinter, format_event  # noqa:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Elastic FSDP2 training of the built-in GPT on Ray.")
+    p = argparse.ArgumentParser(description="Elastic FSDP2 training on Ray of the model the "
+                                "config names (the built-in GPT by default, or model.kind: hf).")
     p.add_argument("--config", help="YAML file (see configs/); default: built-in defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set data.global_batch_size=64 (repeatable)")
     return p.parse_args(argv)
+
+
+def describe_model(config) -> str:
+    m = config.model
+    if m.kind == "gpt":
+        return f"GPT {m.n_layers} layers x {m.d_model}"
+    if m.path is not None:
+        return f"HF model from {m.path}"
+    c = m.config
+    layers = c.get("num_hidden_layers", c.get("n_layer", "?"))
+    return f"HF {c['model_type']} {layers} layers x {c.get('hidden_size', c.get('n_embd', '?'))}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except ElasticCkptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    m, s = config.model, config.scaling
-    print(f"elastic_ckpt: GPT {m.n_layers} layers x {m.d_model}, {config.max_steps} steps, "
+    s = config.scaling
+    print(f"elastic_ckpt: {describe_model(config)}, {config.max_steps} steps, "
           f"global batch {config.data.global_batch_size}, {s.min_workers}-{s.max_workers} "
           f"workers, checkpoints in {config.checkpoint.uri}", flush=True)
     started = time.perf_counter()
@@ -53,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         "nothing to do: the checkpoint is already at max_steps (raise max_steps or use a new "
         "checkpoint.uri)")
     print(f"done: step {result.final_step}, {trained}, {time.perf_counter() - started:.1f}s")
+    if result.eval_history:
+        evals = result.eval_history
+        print(f"eval loss: {evals[0].loss:.4f} (step {evals[0].step}) -> {evals[-1].loss:.4f} "
+              f"(step {evals[-1].step})")
     print(f"last checkpoint: {result.checkpoint.uri if result.checkpoint else None}")
     print("scaling timeline:")
     for event in result.events:

@@ -199,12 +199,11 @@ def test_tuple_dataset_trains_and_resumes_across_a_resize(tmp_path):
     dataset = PairDataset()
 
     def make_cfg(uri):
-        cfg = tiny_config(uri, max_steps=steps, num_samples=len(dataset), lr=1e-2)
-        return cfg
+        return tiny_config(uri, max_steps=steps, num_samples=len(dataset), lr=1e-1)
 
     ref_rows, el_rows, *_ = _resize_2_3_1(tmp_path, make_cfg, spec, steps, dataset=dataset)
     ref_losses = _losses(ref_rows)
-    assert ref_losses[-1] < ref_losses[0] * 0.9
+    assert sum(ref_losses[-3:]) < 0.7 * sum(ref_losses[:3])  # it learns (batches are noisy)
     torch.testing.assert_close(_losses(el_rows), ref_losses, rtol=RTOL, atol=0)
     _assert_ledger_matches(el_rows, ref_rows, make_cfg("x"))
 

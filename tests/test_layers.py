@@ -1,4 +1,4 @@
-"""The layer arrows of DESIGN.md: no module imports a layer above it, and the low layers stay
+"""The layer arrows of ARCHITECTURE.md: no module imports a layer above it, and the low layers stay
 free of ray (and config/storage free of torch.distributed / tensors)."""
 
 from __future__ import annotations
@@ -68,4 +68,4 @@ def test_layer_arrows(path: Path) -> None:
 def test_every_module_belongs_to_a_layer() -> None:
     stray = [p for p in PKG.rglob("*.py")
              if _layer_of(p) not in ALLOWED and p.name != "__init__.py"]
-    assert not stray, f"modules outside the layers of DESIGN.md: {stray}"
+    assert not stray, f"modules outside the layers of ARCHITECTURE.md: {stray}"
