@@ -7,6 +7,7 @@ is what runs when none is given.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Iterable
 from typing import Literal
@@ -29,7 +30,8 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     becomes its own ``fully_shard`` unit. Pure (reads the tree, changes nothing).
 
     1. A Hugging Face model names its block classes in ``_no_split_modules``: every module of
-       those classes (outermost only).
+       those classes (outermost only); when some of the classes repeat and others do not
+       (BERT names ``BertEmbeddings`` beside ``BertLayer``), the repeated ones.
     2. Else the ``nn.ModuleList`` of same-class modules holding the most parameters
        (``model.model.layers``, ``transformer.h``, ``encoder.layer``, ``blocks``).
     3. Else none: only the root is sharded (one unit, the whole model gathered at once).
@@ -38,6 +40,9 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     if names:
         units = _outermost(m for m in model.modules()
                            if m is not model and type(m).__name__ in names)
+        counts = collections.Counter(type(u) for u in units)
+        if any(n > 1 for n in counts.values()):
+            units = [u for u in units if counts[type(u)] > 1]
         if units:
             return units
     best: list[nn.Module] = []
