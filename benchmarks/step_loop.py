@@ -11,7 +11,8 @@ python benchmarks/step_loop.py --model hf                # an HF LlamaForCausalL
 ``--model hf`` trains ``transformers``' ``LlamaForCausalLM`` (built from ``--d-model``,
 ``--layers``, ``--heads``, ``--vocab``, ``--seq-len``; untied head) through ``RankTrainer``'s
 ``default_parallelize`` (each decoder layer, the embedding and the head their own FSDP unit);
-the plain loop ``fully_shard``s each decoder layer and the root by hand. Both build the model
+the plain loop ``fully_shard``s the same units by hand (``--units blocks``: both loops shard
+only the decoder layers and the root). Both build the model
 off meta from the same seed, so both start from the same weights. The run also prints the peak
 *parameter* memory per rank of the elastic loop (sharded parameters plus whatever is gathered,
 sampled at every module's forward and backward hooks) against ``full/W + 2 blocks``.
@@ -121,6 +122,20 @@ def _blocks(model):
     return shard_units(model)
 
 
+def shard_by_hand(model, mesh, units: str) -> None:
+    """The plain loop's sharding, written out: ``fully_shard`` each block; with ``default``
+    also the input embedding and the output head (torchtitan's layout, and what
+    ``default_parallelize`` does for an untied model); then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    if units == "default":
+        for edge in (model.get_input_embeddings(), model.get_output_embeddings()):
+            fully_shard(edge, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def _loss_fn(cfg):
     from elastic_ckpt.train import lm_loss
     from elastic_ckpt.train.hf import hf_lm_loss
@@ -159,13 +174,19 @@ class ParamMemory:
         self.handles = []
 
 
+def _dataset(cfg):
+    from elastic_ckpt.data import SyntheticLMDataset
+
+    ds = cfg.data.dataset
+    return SyntheticLMDataset(ds.num_samples, ds.seq_len, ds.vocab_size, seed=cfg.data.seed)
+
+
 # -- the two loops (run on every rank) ----------------------------------------------------------
 class PlainLoop:
     """The hand-written FSDP2 loop, one ``step()`` at a time (so it can also be interleaved)."""
 
-    def __init__(self, rank: int, world_size: int, cfg) -> None:
+    def __init__(self, rank: int, world_size: int, cfg, units: str = "default") -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         from elastic_ckpt.data import ElasticSampler
 
@@ -173,9 +194,7 @@ class PlainLoop:
         model = build_model(cfg)  # same initial weights as RankTrainer
         self.loss_fn = _loss_fn(cfg)
         mesh = init_device_mesh("cpu", (world_size,))
-        for block in _blocks(model):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard_by_hand(model, mesh, units)
         o = cfg.optim
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas,
@@ -246,13 +265,16 @@ def _clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def _elastic_trainer(cfg, on_step, memory: list | None = None):
+def _elastic_trainer(cfg, on_step, memory: list | None = None, cfg_units: str = "default"):
     import functools
 
     from elastic_ckpt.train import RankHooks, TrainJob, TrainSpec, default_parallelize
 
     def parallelize(model, mesh):
-        model = default_parallelize(model, mesh)
+        if cfg_units == "blocks":  # a user parallelize_fn: the blocks and the root only
+            shard_by_hand(model, mesh, "blocks")
+        else:
+            model = default_parallelize(model, mesh)
         if memory is not None:
             memory.append(ParamMemory(model))
         return model
@@ -263,28 +285,29 @@ def _elastic_trainer(cfg, on_step, memory: list | None = None):
     return job.trainer(RankHooks(on_step=on_step), torch.device("cpu"))
 
 
-def _run_elastic(rank: int, world_size: int, cfg) -> dict[str, list]:
+def _run_elastic(rank: int, world_size: int, cfg, units: str) -> dict[str, list]:
     rec = _Record()
     dist.barrier()
-    _elastic_trainer(cfg, lambda m: rec.mark(m.loss, inner=m.step_time_s)).run()
+    _elastic_trainer(cfg, lambda m: rec.mark(m.loss, inner=m.step_time_s),
+                     cfg_units=units).run()
     return rec.result()
 
 
-def _run_plain(rank: int, world_size: int, cfg) -> dict[str, list]:
+def _run_plain(rank: int, world_size: int, cfg, units: str) -> dict[str, list]:
     rec = _Record()
     dist.barrier()
-    loop = PlainLoop(rank, world_size, cfg)
+    loop = PlainLoop(rank, world_size, cfg, units)
     for step in range(cfg.max_steps):
         rec.mark(loop.step(step))
     return rec.result()
 
 
-def _run_interleaved(rank: int, world_size: int, cfg) -> dict[str, dict[str, list]]:
+def _run_interleaved(rank: int, world_size: int, cfg, units: str) -> dict[str, dict[str, list]]:
     """One plain step right after each elastic step, inside RankTrainer's ``on_step`` hook.
     Elastic step k is timed from the end of plain step k-1 to the start of hook k (everything
     RankTrainer does in between), the plain step over its own ``step()`` call."""
     e, p = _Record(), _Record()
-    plain = PlainLoop(rank, world_size, cfg)
+    plain = PlainLoop(rank, world_size, cfg, units)
     memory: list[ParamMemory] = []
 
     def on_step(m) -> None:
@@ -296,7 +319,7 @@ def _run_interleaved(rank: int, world_size: int, cfg) -> dict[str, dict[str, lis
         p.mark(loss, begin=begin)
 
     dist.barrier()
-    _elastic_trainer(cfg, on_step, memory).run()
+    _elastic_trainer(cfg, on_step, memory, units).run()
     model = memory[0].model
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     blocks = _blocks(model)
@@ -312,12 +335,12 @@ def _group(rank: int, world_size: int, opts: argparse.Namespace, uri: str,
     cfg = _config(opts, uri)
     out: dict[str, Any] = {}
     if order == ["interleaved"]:
-        out.update(_run_interleaved(rank, world_size, cfg))
+        out.update(_run_interleaved(rank, world_size, cfg, opts.units))
     else:
         for name in order:
             gc.collect()
-            out[name] = (_run_elastic if name == "elastic" else _run_plain)(rank, world_size,
-                                                                             cfg)
+            run = _run_elastic if name == "elastic" else _run_plain
+            out[name] = run(rank, world_size, cfg, opts.units)
     dist.barrier()
     return out if rank == 0 else None
 
@@ -345,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--model", choices=("gpt", "hf"), default="gpt",
                    help="gpt: the built-in GPT; hf: transformers' LlamaForCausalLM")
+    p.add_argument("--units", choices=("default", "blocks"), default="default",
+                   help="FSDP units of both loops: default_parallelize's (blocks, embedding, "
+                        "head, root) or blocks and root only (elastic through a parallelize_fn)")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
