@@ -37,8 +37,8 @@ class Run:
     def __init__(self, **kwargs) -> None:
         self.steps = []
         self.result = self.error = None
-        self.trainer = ElasticTrainer(on_progress=lambda progress: self.steps.extend(progress.steps),
-                                      **kwargs)
+        self.trainer = ElasticTrainer(
+            on_progress=lambda progress: self.steps.extend(progress.steps), **kwargs)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 

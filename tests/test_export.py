@@ -41,7 +41,8 @@ from elastic_ckpt.storage import Storage
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal dtype, shape and bytes (NaN payloads and -0.0 included)."""
     return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+            and torch.equal(a.reshape(-1).view(torch.uint8),
+                            b.contiguous().reshape(-1).view(torch.uint8)))
 
 
 def sample_state() -> dict[str, torch.Tensor]:

@@ -28,14 +28,7 @@ from elastic_ckpt.errors import (
 from elastic_ckpt.storage import fs as storage_fs
 from elastic_ckpt.train import default_parallelize, device_mesh
 from elastic_ckpt.train.local import run_ranks
-from test_export import write_grid_checkpoint
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal dtype, shape and bytes (NaN payloads and -0.0 included)."""
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.reshape(-1).view(torch.uint8),
-                            b.contiguous().reshape(-1).view(torch.uint8)))
+from test_export import same_bits, write_grid_checkpoint
 
 
 def row_ranges(n: int, rng: random.Random, count: int = 5) -> list[tuple[int, int]]:

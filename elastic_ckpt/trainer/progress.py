@@ -22,7 +22,8 @@ def format_event(e: ScalingEvent) -> str:
     model = "" if units is None else f", {len(units)} FSDP units"
     if "init_from" in e.details:
         read, full = e.details["init_bytes_read"] / 1e6, e.details["model_bytes"] / 1e6
-        model += f", weights from {e.details['init_from']} (rank 0 read {read:.1f} of {full:.1f} MB)"
+        model += (f", weights from {e.details['init_from']} "
+                  f"(rank 0 read {read:.1f} of {full:.1f} MB)")
     return (f"{e.kind}: {e.from_workers} -> {e.to_workers} workers{lost}{model}, "
             f"{e.total_s or 0:.2f}s total [{phases}]{skipped}")
 
