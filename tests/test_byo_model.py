@@ -226,13 +226,17 @@ def test_init_from_hf_weights_step_one_loss_matches_offline(tmp_path):
     segs = [Segment(with_fields(hf_config(str(tmp_path / f"run-{name}"), max_steps=3),
                                 checkpoint={"init_from": str(path)}))
             for name, path in sources.items()]
-    segs.append(Segment(hf_config(str(tmp_path / "run-random"), max_steps=3)))
+    segs.append(Segment(hf_config(str(tmp_path / "run-random"), max_steps=3),
+                        gather_params=True))
+    # An elastic_ckpt checkpoint root (its model part) as the pretrained weights.
+    segs.append(Segment(with_fields(hf_config(str(tmp_path / "run-from-ckpt"), max_steps=3),
+                                    checkpoint={"init_from": str(tmp_path / "run-random")})))
     outs = run_ranks(2, run_segments, segs)
     cfg = segs[0].config
     ids = ElasticSampler(len(dataset_for(cfg)), cfg.data.global_batch_size,
                          cfg.data.seed).global_batch(0)
-    offline = per_sample_metrics(model, collate([dataset_for(cfg)[int(i)] for i in ids])[
-        "input_ids"])["loss"].mean().item()
+    batch = collate([dataset_for(cfg)[int(i)] for i in ids])["input_ids"]
+    offline = per_sample_metrics(model, batch)["loss"].mean().item()
     for i, name in enumerate(sources):
         seg = _segment(outs, i)
         for out in seg:
@@ -244,6 +248,12 @@ def test_init_from_hf_weights_step_one_loss_matches_offline(tmp_path):
     random_start = _segment(outs, len(sources))[0]
     assert random_start["init_bytes_read"] is None
     assert abs(random_start["steps"][0][1] - offline) > 1e-3  # the weights made the difference
+    trained = llama()
+    trained.load_state_dict(random_start["params"])
+    want = per_sample_metrics(trained, batch)["loss"].mean().item()
+    for out in _segment(outs, len(sources) + 1):
+        assert out["steps"][0][1] == pytest.approx(want, rel=RTOL)
+        assert out["init_bytes_read"] < 0.75 * out["model_bytes"]
 
 
 def _bad_init(rank: int, world_size: int, segment: Segment) -> str:
@@ -277,3 +287,18 @@ def test_init_from_with_wrong_keys_or_shapes_fails_before_step_one(tmp_path):
     assert "(48, 32) vs model (64, 32)" in wider_msg
     assert "the model does not have: model.layers.2." in deeper_msg
     assert "missing from the file: model.layers.1." in shallow_msg
+
+
+# -- default_parallelize's options change speed and memory, never the numbers ------------------
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("options", [
+    {"activation_checkpointing": True, "reshard_after_forward": False},
+    pytest.param({"compile": True}, marks=pytest.mark.slow),
+], ids=["ac+zero2", "compile"])
+def test_parallel_options_keep_the_losses(tmp_path, options):
+    segs = [Segment(with_fields(hf_config(str(tmp_path / name), max_steps=3), parallel=p))
+            for name, p in (("plain", {}), ("options", options))]
+    outs = run_ranks(2, run_segments, segs, timeout_s=280)
+    plain, changed = _segment(outs, 0), _segment(outs, 1)
+    torch.testing.assert_close(_losses(_by_step([changed])), _losses(_by_step([plain])),
+                               rtol=1e-6, atol=0)
