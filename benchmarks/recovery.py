@@ -118,11 +118,11 @@ class ElasticRun:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._fit, daemon=True)
 
-    def _on_progress(self, steps, events) -> None:
+    def _on_progress(self, progress) -> None:
         now = time.time()
-        for m in steps:
+        for m in progress.steps:
             self.obs.append(Obs(now, m.step, m.world_size))
-        for e in events:
+        for e in progress.events:
             print(f"  [elastic_ckpt] event {e.kind} {e.from_workers}->{e.to_workers} "
                   f"total {e.total_s:.2f}s", flush=True)
 
@@ -157,8 +157,8 @@ def ray_train_loop(loop_config: dict) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from elastic_ckpt.config import TrainConfig
-    from elastic_ckpt.data import ElasticSampler, SyntheticLMDataset, collate_lm, fetch
-    from elastic_ckpt.train import apply_fsdp, build_gpt, device_mesh, lm_loss, lr_at
+    from elastic_ckpt.data import ElasticSampler, SyntheticLMDataset, collate, fetch
+    from elastic_ckpt.train import build_gpt, default_parallelize, device_mesh, lm_loss, lr_at
 
     t_enter = time.time()
     cfg = TrainConfig.model_validate(loop_config["config"])
@@ -173,7 +173,7 @@ def ray_train_loop(loop_config: dict) -> None:
                 f.write(json.dumps(record) + "\n")
 
     torch.manual_seed(cfg.seed)
-    model = apply_fsdp(build_gpt(cfg.model), device_mesh(torch.device("cpu")))
+    model = default_parallelize(build_gpt(cfg.model), device_mesh(torch.device("cpu")))
     o, d = cfg.optim, cfg.data
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas,
                                   weight_decay=o.weight_decay)
@@ -205,7 +205,7 @@ def ray_train_loop(loop_config: dict) -> None:
         for i in range(n_passes):
             ids, weight = ((micro[i], len(micro[i])) if i < len(micro)
                            else (sampler.global_batch(step)[:1], 0))
-            loss = lm_loss(model, collate_lm(fetch(dataset, ids)))
+            loss = lm_loss(model, collate(fetch(dataset, ids)))
             (loss * (weight * scale)).backward()
             loss_sum += loss.detach().double() * weight
         if o.grad_clip_norm is not None:

@@ -18,7 +18,7 @@ off meta from the same seed, so both start from the same weights. The run also p
 sampled at every module's forward and backward hooks) against ``full/W + 2 blocks``.
 
 Both loops train the same GPT (``build_gpt``, same seed so the same initial weights) on the
-same data (``SyntheticLMDataset`` through ``ElasticSampler`` and ``collate_lm``) with the same
+same data (``SyntheticLMDataset`` through ``ElasticSampler`` and ``default_collate``) with the same
 global batch, micro-batch, world size, AdamW settings, LR schedule (``lr_at``) and gradient
 clipping (when the config has it):
 

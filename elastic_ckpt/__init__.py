@@ -23,6 +23,7 @@ _LAZY = {
     "verify": "elastic_ckpt.checkpoint.verify",
     "ElasticTrainer": "elastic_ckpt.trainer",
     "Result": "elastic_ckpt.trainer",
+    "Progress": "elastic_ckpt.trainer",
     "TrainConfig": "elastic_ckpt.config",
 }
 
@@ -49,6 +50,7 @@ __all__ = [
     "ConfigError",
     "ElasticCkptError",
     "ElasticTrainer",
+    "Progress",
     "Result",
     "StorageError",
     "TrainConfig",

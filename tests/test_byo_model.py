@@ -135,20 +135,56 @@ class _NoInit(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.empty(4))
 
 
-def _uninitialized(rank: int, world_size: int) -> str:
-    with torch.device("meta"):
-        model = _NoInit()
+class _IntBuffer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("positions", torch.arange(4))
+
+
+class _NoArgInit(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def _init_weights(self) -> None:
+        torch.nn.init.ones_(self.proj.weight)
+
+
+class _HalfMeta(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.real = torch.nn.Linear(4, 4)
+        torch.nn.init.ones_(self.real.weight)
+        with torch.device("meta"):
+            self.lazy = torch.nn.Linear(4, 4)
+
+
+def _materialize(rank: int, world_size: int, build) -> str:
+    if build is _HalfMeta:
+        model = build()
+    else:
+        with torch.device("meta"):
+            model = build()
     default_parallelize(model, device_mesh(torch.device("cpu")), warn=False)
     try:
         materialize(model, torch.device("cpu"), seed=0)
     except Exception as exc:  # noqa: BLE001 - the message is the result
         return f"{type(exc).__name__}: {exc}"
-    return "no error"
+    params = full_params(model)
+    return "ones kept" if torch.equal(params["real.weight"], torch.ones(4, 4)) else "changed"
 
 
-def test_meta_parameter_no_init_code_writes_is_an_error():
-    (message,) = run_ranks(1, _uninitialized)
-    assert message.startswith("ConfigError: _NoInit.scale") and "reset_parameters" in message
+@pytest.mark.parametrize("build, expected", [
+    (_NoInit, "ConfigError: _NoInit.scale (in FSDP unit '<root>') was built on the meta "
+              "device and no init code wrote it"),
+    (_IntBuffer, "ConfigError: _IntBuffer.positions"),
+    (_NoArgInit, "ConfigError: _NoArgInit._init_weights() takes no argument"),
+    (_HalfMeta, "ones kept"),
+], ids=["param", "int-buffer", "no-arg-init", "half-meta"])
+def test_meta_tensors_no_init_code_writes_are_errors(build, expected):
+    (message,) = run_ranks(2, _materialize, build)[:1]
+    assert message.startswith(expected), message
 
 
 # -- eval and custom metrics ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ from elastic_ckpt.config import (
     validate_config,
 )
 from elastic_ckpt.errors import ConfigError
+from elastic_ckpt.train import lr_at
 from train_jobs import restore_errors, smallest_config
 
 
@@ -259,3 +260,7 @@ def test_restore_with_changed_data_settings_is_refused(tmp_path):
     [warning] = allowed["warnings"]
     assert "max_steps 3 -> 5" in warning and "optim.lr 0.003 -> 0.001" in warning, warning
     assert "the LR at step 3 is" in warning and "saved run's schedule gives" in warning
+    # ... and what it says is what happens: the resumed step trains at the new schedule's LR.
+    new = smallest_config(uri, max_steps=5, micro_batch_size=1, lr=1e-3)
+    assert allowed["lrs"] == pytest.approx([lr_at(3, new.optim, 5)])
+    assert f"the LR at step 3 is {lr_at(3, new.optim, 5):.3g}" in warning

@@ -42,15 +42,30 @@ def test_path_reads_config_json(tmp_path):
     ({"kind": "hf"}, "set exactly one of model.config"),
     ({"kind": "hf", "config": LLAMA, "path": "/x"}, "set exactly one of model.config"),
     ({"kind": "hf", "config": {"hidden_size": 8}}, "model.config needs model_type"),
-    ({"kind": "hf", "config": {**LLAMA, "vocab_size": 100}},
-     r"data.dataset.vocab_size \(256\) must equal model.config.vocab_size \(100\)"),
-    ({"kind": "hf", "config": {**LLAMA, "vocab_size": 256, "max_position_embeddings": 16}},
-     r"data.dataset.seq_len \(64\) must be <= model.config.max_position_embeddings \(16\)"),
+    ({"kind": "hf", "config": {**LLAMA, "vocab_size": 100}, "_dataset": True},
+     r"data.dataset.vocab_size \(256\) must be <= model.config.vocab_size \(100\)"),
+    ({"kind": "hf", "config": {**LLAMA, "vocab_size": 256, "max_position_embeddings": 16},
+      "_dataset": True}, r"data.dataset.seq_len \(64\) must be <= model.config.max_position_embeddings \(16\)"),
     ({"kind": "bert"}, "model"),
 ])
 def test_hf_config_errors(model, message):
+    raw = {"model": {k: v for k, v in model.items() if k != "_dataset"}}
+    if model.get("_dataset"):  # the synthetic dataset named in the config is checked
+        raw["data"] = {"dataset": {"kind": "synthetic"}}
     with pytest.raises(Exception, match=message):
-        TrainConfig.model_validate({"model": model})
+        TrainConfig.model_validate(raw)
+
+
+def test_a_larger_hf_vocabulary_than_the_synthetic_default_is_fine():
+    cfg = TrainConfig.model_validate({"model": {"kind": "hf", "config": {**LLAMA,
+                                                                      "vocab_size": 32000}}})
+    assert cfg.model.config["vocab_size"] == 32000
+
+
+def test_a_saved_bf16_config_still_trains_fp32_master_weights():
+    model = build_hf_causal_lm(HFModelConfig(kind="hf", config={**LLAMA,
+                                                              "torch_dtype": "bfloat16"}))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_unknown_model_type_names_the_field():

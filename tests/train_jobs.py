@@ -169,5 +169,6 @@ def restore_errors(rank: int, world_size: int, original: TrainConfig,
                              "message": str(exc)})
         else:
             outcomes.append({"error": None, "restored_step": out["restored_step"],
-                             "warnings": out["warnings"]})
+                             "warnings": out["warnings"],
+                             "lrs": [row[5] for row in out["steps"]]})
     return {"first": first, "outcomes": outcomes}

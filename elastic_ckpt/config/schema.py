@@ -286,7 +286,11 @@ class TrainConfig(_Section):
         if self.optim.warmup_steps >= self.max_steps and self.optim.warmup_steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < "
                              f"max_steps ({self.max_steps})")
-        for where, ds in (("data.dataset", data.dataset), ("eval.dataset", self.eval.dataset)):
+        # An HF model is often trained on the user's own dataset: check the synthetic default
+        # against it only when the config names that dataset.
+        explicit = isinstance(self.model, ModelConfig) or "dataset" in data.model_fields_set
+        for where, ds in (("data.dataset", data.dataset if explicit else None),
+                          ("eval.dataset", self.eval.dataset)):
             if isinstance(ds, SyntheticDatasetConfig):
                 self._check_tokens(where, ds)
         if self.mixed_precision == "bf16" and not self.scaling.use_gpu:
@@ -305,10 +309,12 @@ class TrainConfig(_Section):
             name = "model.config.max_position_embeddings"
         else:
             return  # model.path: checked when the model is built
-        if vocab is not None and ds.vocab_size != vocab:
-            vname = ("model.vocab_size" if isinstance(model, ModelConfig)
-                     else "model.config.vocab_size")
-            raise ValueError(f"{where}.vocab_size ({ds.vocab_size}) must equal {vname} ({vocab})")
+        if isinstance(model, ModelConfig) and ds.vocab_size != vocab:
+            raise ValueError(f"{where}.vocab_size ({ds.vocab_size}) must equal "
+                             f"model.vocab_size ({vocab})")
+        if vocab is not None and ds.vocab_size > vocab:  # an HF vocabulary: tokens must fit
+            raise ValueError(f"{where}.vocab_size ({ds.vocab_size}) must be <= "
+                             f"model.config.vocab_size ({vocab})")
         if positions is not None and ds.seq_len > positions:
             raise ValueError(f"{where}.seq_len ({ds.seq_len}) must be <= {name} ({positions})")
 

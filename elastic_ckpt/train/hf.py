@@ -66,7 +66,9 @@ def build_hf_causal_lm(cfg: HFModelConfig) -> nn.Module:
     with meta_parameters():
         model = transformers.AutoModelForCausalLM.from_config(
             config, attn_implementation=cfg.attn_implementation)
-    return model
+    # A saved config.json usually says torch_dtype bfloat16, and from_config honours it:
+    # train on fp32 master weights instead (``mixed_precision: bf16`` computes in bf16).
+    return model.to(torch.float32)
 
 
 @contextlib.contextmanager

@@ -51,10 +51,9 @@ class RankTrainer:
         self.config = config
         self.dataset = job.dataset
         model_fn, loss_fn = default_model(config)
-        if spec.model_fn is not None:
-            model_fn, loss_fn = spec.model_fn, spec.loss_fn or loss_fn
-        self.model_fn, self.loss_fn = model_fn, loss_fn
-        self.eval_fn = spec.eval_fn or loss_fn
+        self.model_fn = spec.model_fn or model_fn
+        self.loss_fn = spec.loss_fn or loss_fn
+        self.eval_fn = spec.eval_fn or self.loss_fn
         self.collate_fn = spec.collate_fn or collate
         self.hooks = hooks
         self.device = device or torch.device("cpu")
@@ -69,7 +68,9 @@ class RankTrainer:
         self._metric_names: list[str] | None = None
 
     # -- setup -------------------------------------------------------------------------------
-    def _build(self) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    def _build(self) -> tuple[nn.Module, torch.optim.Optimizer, Any | None]:
+        """The model, its optimizer and the user's scheduler (None: the built-in schedule,
+        which ``_builtin_schedule`` attaches after the restore)."""
         cfg, spec = self.config, self.job.spec
         torch.manual_seed(cfg.seed)  # a model built off meta: the same weights on every rank
         model = self.model_fn()
@@ -87,11 +88,20 @@ class RankTrainer:
         model.train()
         optimizer = (spec.optimizer_fn(model) if spec.optimizer_fn is not None
                      else default_optimizer(model, cfg.optim))
-        if spec.lr_scheduler_fn is not None:
-            scheduler = spec.lr_scheduler_fn(optimizer)
-        else:
-            scheduler = builtin_lr_scheduler(optimizer, cfg.optim, cfg.max_steps)
+        scheduler = (spec.lr_scheduler_fn(optimizer) if spec.lr_scheduler_fn is not None
+                     else None)
         return model, optimizer, scheduler
+
+    def _builtin_schedule(self, optimizer: torch.optim.Optimizer, base_lrs: list[float],
+                          step: int) -> Any:
+        """The built-in schedule for a run at ``step``. It is a pure function of the step and
+        this run's config, so it is not checkpointed: a restored optimizer carries the saved
+        run's lrs, and a resume with another ``optim.lr`` or ``max_steps`` must train on the
+        new schedule (the warning ``_schedule_changes`` prints says so)."""
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["initial_lr"] = base
+        return builtin_lr_scheduler(optimizer, self.config.optim, self.config.max_steps,
+                                    step=step)
 
     def _model_record(self, model: nn.Module) -> dict[str, Any]:
         """What export needs to write an HF directory: the class, its config, tied names."""
@@ -180,11 +190,15 @@ class RankTrainer:
     def run(self) -> RankResult:
         started = time.perf_counter()
         model, optimizer, scheduler = self._build()
+        user_scheduler = scheduler is not None
+        base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         app = AppState(model, optimizer, scheduler)
         trainer_state: dict[str, Any] = {}
         t0 = time.perf_counter()
         step, info = self._restore({"app": app, "trainer": trainer_state})
         pretrained = self._init_from(model) if info is None else {}
+        if not user_scheduler:
+            scheduler = self._builtin_schedule(optimizer, base_lrs, step)
         restored = None if info is None else step
         self.hooks.on_event("restore", {
             "seconds": time.perf_counter() - t0, "step": step,
@@ -204,10 +218,12 @@ class RankTrainer:
                                                    "since_start_s": time.perf_counter() - started,
                                                    "step": step})
             self.hooks.on_step(metrics)
-            if self._eval_due(step):
-                self._evaluate(model, step)
+            # Save before evaluating: a stop request (a drain deadline) must not wait for an
+            # eval, and a failing eval_fn must not cost the checkpoint.
             if stop or self._due(step):
                 info = self._save(app, record, step, tokens_seen)
+            if self._eval_due(step) and not (stop and step < self.config.max_steps):
+                self._evaluate(model, step)
             if stop:
                 stopped = step < self.config.max_steps
                 break

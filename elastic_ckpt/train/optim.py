@@ -28,13 +28,14 @@ def default_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optim
 
 
 def builtin_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
-                         max_steps: int) -> LRScheduler:
+                         max_steps: int, step: int = 0) -> LRScheduler:
     """``optim.schedule`` (warm-up, then constant/cosine/linear decay) as a multiplier of each
     param group's own initial lr: a group built at 0.1x the lr stays at 0.1x throughout.
-    During global step ``s`` (0-based) the factor is ``lr_at(s) / optim.lr``."""
+    During global step ``s`` (0-based) the factor is ``lr_at(s) / optim.lr``. ``step``: the
+    next step to train (a resume); the groups must then hold ``initial_lr``."""
     peak = optim.lr
 
-    def factor(step: int) -> float:
-        return lr_at(step, optim, max_steps) / peak
+    def factor(s: int) -> float:
+        return lr_at(s, optim, max_steps) / peak
 
-    return LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, factor, last_epoch=step - 1)

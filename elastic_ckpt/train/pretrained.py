@@ -93,8 +93,13 @@ def _plan(model: nn.Module, source, prefix: str) -> list[tuple[str, torch.Tensor
         if unexpected:
             problems.append(f"{len(unexpected)} keys in the file the model does not have: "
                             + ", ".join(unexpected[:_SHOW]))
-        hint = ("" if prefix or not unexpected else
-                "; if the file's keys carry a prefix, set checkpoint.init_key_prefix")
+        if prefix and not available:
+            hint = (f"; no key in the file starts with init_key_prefix {prefix!r} (the first "
+                    f"keys are {', '.join(list(infos)[:3])})")
+        elif not prefix and unexpected:
+            hint = "; if the file's keys carry a prefix, set checkpoint.init_key_prefix"
+        else:
+            hint = ""
         raise ConfigError(f"{where} does not match the model {model_class_name(model)}: "
                           + ". ".join(problems) + hint, field="checkpoint.init_from")
     return plan

@@ -82,6 +82,7 @@ class ElasticTrainer:
                               "config.model names and its next-token loss)", field="model_fn")
         if eval_dataset is None and config.eval.dataset is not None:
             eval_dataset = dataset_from_config(config, config.eval.dataset)
+        _check_eval(config, eval_dataset, eval_fn)
         self.config = config
         spec = TrainSpec(model_fn=model_fn, loss_fn=loss_fn, parallelize_fn=parallelize_fn,
                          optimizer_fn=optimizer_fn, lr_scheduler_fn=lr_scheduler_fn,
@@ -120,6 +121,20 @@ class ElasticTrainer:
         if self.on_progress is not None and (progress.steps or progress.events
                                              or progress.evals):
             self.on_progress(progress)
+
+
+def _check_eval(config: TrainConfig, eval_dataset: Any, eval_fn: Callable | None) -> None:
+    """Eval settings that would silently do nothing, or fail at the first eval."""
+    if eval_dataset is None:
+        if eval_fn is not None or config.eval.interval_steps is not None:
+            what = "eval_fn" if eval_fn is not None else "eval.interval_steps"
+            raise ConfigError(f"{what} is set but there is no eval dataset: pass "
+                              "ElasticTrainer(eval_dataset=...) or set eval.dataset",
+                              field="eval.dataset")
+        return
+    if len(eval_dataset) == 0:
+        raise ConfigError(f"the eval dataset ({type(eval_dataset).__name__}) is empty",
+                          field="eval.dataset")
 
 
 def _ensure_ray() -> None:
