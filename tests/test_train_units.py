@@ -123,3 +123,27 @@ def test_lm_loss_is_a_mean_so_sample_weighting_recovers_the_batch_mean():
     parts = [ids[:3], ids[3:6], ids[6:]]
     weighted = sum(lm_loss(model, {"input_ids": p}) * len(p) for p in parts) / len(ids)
     torch.testing.assert_close(weighted, whole)
+
+
+# -- the built-in schedule as an LR scheduler -----------------------------------------------------
+def test_builtin_scheduler_scales_each_group_and_resumes_at_a_step():
+    from elastic_ckpt.train import builtin_lr_scheduler
+
+    cfg = OptimConfig(lr=PEAK, warmup_steps=5, schedule="cosine")
+    w = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [w]}, {"params": [b], "lr": PEAK / 10}], lr=PEAK)
+    sched = builtin_lr_scheduler(opt, cfg, MAX_STEPS)
+    seen = []
+    for _ in range(20):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    want = [lr_at(s, cfg, MAX_STEPS) for s in range(20)]
+    assert [a for a, _ in seen] == pytest.approx(want)
+    assert [b for _, b in seen] == pytest.approx([x / 10 for x in want])  # stays at 0.1x
+    # A resume at step 20: the groups carry initial_lr, and the lr is the step's at once.
+    again = builtin_lr_scheduler(opt, cfg, MAX_STEPS, step=20)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+        [lr_at(20, cfg, MAX_STEPS), lr_at(20, cfg, MAX_STEPS) / 10])
+    assert again.last_epoch == 20
