@@ -96,3 +96,22 @@ def test_hf_loss_is_the_next_token_loss():
     ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(0))
     assert hf_lm_loss(model, {"input_ids": ids}).item() == pytest.approx(
         lm_loss(_Logits(model), {"input_ids": ids}).item(), rel=1e-6)
+
+
+# -- load_pretrained on an unsharded model (not collective): prefixes and their errors ---------
+def test_init_key_prefix_strips_a_prefix_and_a_wrong_one_says_so(tmp_path):
+    from elastic_ckpt.train.pretrained import load_pretrained
+
+    source = llama(seed=3)
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "w.pt")
+    target = llama(seed=4)
+    report = load_pretrained(target, str(tmp_path / "w.pt"), prefix="module.")
+    assert report.tensors == len(source.state_dict())
+    assert report.bytes_read == report.model_bytes  # one rank, unsharded: all of it
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+    with pytest.raises(ConfigError, match="set checkpoint.init_key_prefix"):
+        load_pretrained(target, str(tmp_path / "w.pt"))
+    with pytest.raises(ConfigError, match="no key in the file starts with init_key_prefix "
+                                          "'model.' .*the first keys are module.model"):
+        load_pretrained(target, str(tmp_path / "w.pt"), prefix="model.")

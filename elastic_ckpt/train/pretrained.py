@@ -67,11 +67,14 @@ def _plan(model: nn.Module, source, prefix: str) -> list[tuple[str, torch.Tensor
         groups.setdefault(id(tensor), []).append(name)
         targets[id(tensor)] = tensor
     ignorable = _ignorable(model)
+    may_miss = [re.compile(p) for p in
+                getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
     plan, missing, mismatched, used = [], [], [], set()
     for tid, names in groups.items():
         found = next((n for n in names if n in available), None)
         if found is None:
-            missing.append(" = ".join(names))
+            if not any(p.search(n) for p in may_miss for n in names):
+                missing.append(" = ".join(names))
             continue
         used.update(n for n in names if n in available)
         key, target = available[found], targets[tid]
