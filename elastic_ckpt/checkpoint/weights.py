@@ -33,7 +33,12 @@ from contextlib import ExitStack
 
 from elastic_ckpt.checkpoint.catalog import Catalog, open_checkpoint
 from elastic_ckpt.checkpoint.export import normalize_prefix, select_tensors
-from elastic_ckpt.checkpoint.manifest import COMMITTED_FILE, MANIFEST_FILE, Manifest
+from elastic_ckpt.checkpoint.manifest import (
+    COMMITTED_FILE,
+    MANIFEST_FILE,
+    Manifest,
+    is_whole_rows,
+)
 from elastic_ckpt.checkpoint.reader import ChunkReader
 from elastic_ckpt.checkpoint.weight_files import SafetensorsFile, TorchFile
 from elastic_ckpt.checkpoint.weight_source import TensorInfo, WeightSource
@@ -230,7 +235,7 @@ class _CheckpointSource(WeightSource):
                 continue
             dest = out.narrow(0, lo - start, hi - lo)  # contiguous: a dim-0 slice
             row0 = lo - chunk.offsets[0]
-            if all(o == 0 for o in chunk.offsets[1:]) and chunk.lengths[1:] == entry.shape[1:]:
+            if is_whole_rows(chunk.offsets, chunk.lengths, entry.shape):
                 nread += self._reader.read_rows(key, entry, chunk, row0, hi - lo, out=dest)[1]
                 continue
             piece, n = self._reader.read_rows(key, entry, chunk, row0, hi - lo)

@@ -6,7 +6,7 @@ read any index. Nothing here keeps per-rank state.
 """
 
 from elastic_ckpt.data.datasets import DatasetError, MapDataset, collate, fetch
-from elastic_ckpt.data.eval_split import eval_micro_batches, eval_passes, eval_range
+from elastic_ckpt.data.eval_split import eval_micro_batches, eval_range, forward_passes
 from elastic_ckpt.data.parquet import ParquetDataset, write_token_parquet
 from elastic_ckpt.data.sampler import ElasticSampler
 from elastic_ckpt.data.synthetic import SyntheticLMDataset
@@ -19,8 +19,8 @@ __all__ = [
     "SyntheticLMDataset",
     "collate",
     "eval_micro_batches",
-    "eval_passes",
     "eval_range",
+    "forward_passes",
     "fetch",
     "write_token_parquet",
 ]

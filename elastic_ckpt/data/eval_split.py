@@ -26,7 +26,9 @@ def eval_micro_batches(num_samples: int, rank: int, world_size: int,
     return [ids[i:i + micro_batch_size] for i in range(0, len(ids), micro_batch_size)]
 
 
-def eval_passes(num_samples: int, world_size: int, micro_batch_size: int) -> int:
-    """Forward passes every rank runs (the most any rank needs, at least one): FSDP gathers
-    parameters in each, so a rank with fewer samples runs zero-weight passes to keep up."""
+def forward_passes(num_samples: int, world_size: int, micro_batch_size: int) -> int:
+    """Forward passes every rank runs over ``num_samples`` split across ``world_size`` ranks
+    in micro-batches (the most any rank needs, at least one): FSDP gathers parameters in
+    each, so a rank with fewer samples runs zero-weight passes to keep up. The same count
+    serves a global batch (training) and the eval set."""
     return max(1, math.ceil(math.ceil(num_samples / world_size) / micro_batch_size))

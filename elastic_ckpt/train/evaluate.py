@@ -15,23 +15,22 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from elastic_ckpt.data import eval_micro_batches, eval_passes, fetch
+from elastic_ckpt.data import eval_micro_batches, forward_passes
 from elastic_ckpt.train.accumulate import WeightedSums, agree_on_names, split_loss
+from elastic_ckpt.train.batch import count_tokens, load_batch
 from elastic_ckpt.train.job import EvalMetrics, LossFn
 
 
 def evaluate(model: nn.Module, dataset: Any, eval_fn: LossFn,
              collate_fn: Callable[[list], Any], *, step: int, num_samples: int,
-             micro_batch_size: int, device: torch.device,
-             to_device: Callable[[Any, torch.device], Any],
-             count_tokens: Callable[[Any], int]) -> EvalMetrics:
+             micro_batch_size: int, device: torch.device) -> EvalMetrics:
     """Evaluate the first ``num_samples`` samples of ``dataset`` after ``step`` steps.
     Collective: every rank runs the same number of forward passes (a rank with fewer samples
     runs zero-weight ones, as FSDP gathers parameters in each)."""
     t0 = time.perf_counter()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     batches = eval_micro_batches(num_samples, rank, world_size, micro_batch_size)
-    passes = eval_passes(num_samples, world_size, micro_batch_size)
+    passes = forward_passes(num_samples, world_size, micro_batch_size)
     sums = WeightedSums(device)
     was_training = model.training
     model.eval()
@@ -39,7 +38,7 @@ def evaluate(model: nn.Module, dataset: Any, eval_fn: LossFn,
         with torch.no_grad():
             for i in range(passes):
                 ids, weight = (batches[i], len(batches[i])) if i < len(batches) else (range(1), 0)
-                batch = to_device(collate_fn(fetch(dataset, ids)), device)
+                batch = load_batch(dataset, ids, collate_fn, device)
                 loss, metrics = split_loss(eval_fn(model, batch), "eval_fn")
                 sums.add(loss, metrics, weight, count_tokens(batch) if weight else 0)
     finally:

@@ -140,9 +140,8 @@ def _init_group(name: str, modules: list[nn.Module], inits: dict[int, object],
                 full[id(orig)], requires_grad=orig.requires_grad))
         else:
             module._buffers[attr] = full[id(orig)]
-    before = {id(module._parameters[a] if p else module._buffers[a]):
-              (module._parameters[a] if p else module._buffers[a])._version
-              for module, a, p, _ in slots}
+    stand_ins = [_slot(module, attr, is_param) for module, attr, is_param, _ in slots]
+    before = {id(t): t._version for t in stand_ins}
     with _seeded(seed, name, device):
         for module in modules:
             init = inits.get(id(module))
@@ -158,20 +157,26 @@ def _init_group(name: str, modules: list[nn.Module], inits: dict[int, object],
     done: dict[int, torch.Tensor] = {}  # one sharded tensor per distinct original
     for module, attr, is_param, orig in slots:
         if id(orig) not in done:
-            value = module._parameters[attr] if is_param else module._buffers[attr]
+            value = _slot(module, attr, is_param)
             _check_written(name, module, attr, value, before)
             done[id(orig)] = _shard_into(orig, value.detach())
         (module._parameters if is_param else module._buffers)[attr] = done[id(orig)]
 
 
+def _slot(module: nn.Module, attr: str, is_param: bool) -> torch.Tensor:
+    return module._parameters[attr] if is_param else module._buffers[attr]
+
+
+def _untouched(value: torch.Tensor, before: dict[int, int]) -> bool:
+    """Still the stand-in it was before init, never written in place (``_version`` counts
+    in-place writes; init code that assigns a new tensor replaces the object)."""
+    return id(value) in before and value._version == before[id(value)]
+
+
 def _unwritten(module: nn.Module, slots, before: dict[int, int]) -> bool:
     """Whether init code left one of ``module``'s own stand-ins untouched."""
-    for m, attr, is_param, _ in slots:
-        if m is module:
-            value = m._parameters[attr] if is_param else m._buffers[attr]
-            if id(value) in before and value._version == before[id(value)]:
-                return True
-    return False
+    return any(m is module and _untouched(_slot(m, attr, is_param), before)
+               for m, attr, is_param, _ in slots)
 
 
 def _nan_like(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -198,7 +203,7 @@ def _seeded(seed: int, name: str, device: torch.device) -> Iterator[None]:
 
 def _check_written(unit: str, module: nn.Module, attr: str, value: torch.Tensor,
                    before: dict[int, int]) -> None:
-    untouched = id(value) in before and value._version == before[id(value)]
+    untouched = _untouched(value, before)
     partial = value.is_floating_point() and bool(torch.isnan(value).any())
     if untouched or partial:
         what = "no init code wrote it" if untouched else "init code left part of it unwritten"

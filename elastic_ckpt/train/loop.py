@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 import time
 from typing import Any
 
@@ -20,9 +19,10 @@ import torch.nn as nn
 
 from elastic_ckpt.checkpoint import AppState, CheckpointInfo, CheckpointManager
 from elastic_ckpt.config import OptimConfig
-from elastic_ckpt.data import ElasticSampler, collate, fetch
+from elastic_ckpt.data import ElasticSampler, collate, forward_passes
 from elastic_ckpt.errors import CheckpointNotFoundError, ConfigError
 from elastic_ckpt.train.accumulate import WeightedSums, agree_on_names, split_loss
+from elastic_ckpt.train.batch import count_tokens, load_batch
 from elastic_ckpt.train.distributed import device_mesh
 from elastic_ckpt.train.evaluate import evaluate
 from elastic_ckpt.train.init import materialize
@@ -248,7 +248,7 @@ class RankTrainer:
         micro_batch_size = ev.micro_batch_size or self.config.data.micro_batch_size
         metrics = evaluate(model, data, self.eval_fn, self.collate_fn, step=step,
                            num_samples=num_samples, micro_batch_size=micro_batch_size,
-                           device=self.device, to_device=_to_device, count_tokens=_count_tokens)
+                           device=self.device)
         self.hooks.on_eval(metrics)
 
     def _save(self, app: AppState, record: dict[str, Any], step: int,
@@ -275,17 +275,16 @@ class RankTrainer:
         micro = self.sampler.micro_batches(step, self.rank, w, cfg.data.micro_batch_size)
         # Every rank runs the same number of forward/backward passes (FSDP all-gathers in
         # each); ranks with fewer samples pad with zero-weight passes.
-        n_passes = math.ceil(math.ceil(cfg.data.global_batch_size / w)
-                             / cfg.data.micro_batch_size)
+        n_passes = forward_passes(cfg.data.global_batch_size, w, cfg.data.micro_batch_size)
         filler = self.sampler.global_batch(step)[:1]
         scale = w / cfg.data.global_batch_size  # FSDP averages over ranks; undo, then / B
         sums = WeightedSums(self.device)
         for i in range(n_passes):
             ids, weight = (micro[i], len(micro[i])) if i < len(micro) else (filler, 0)
-            batch = _to_device(self.collate_fn(fetch(self.dataset, ids)), self.device)
+            batch = load_batch(self.dataset, ids, self.collate_fn, self.device)
             loss, extra = split_loss(self.loss_fn(model, batch))
             (loss * (weight * scale)).backward()
-            sums.add(loss, extra, weight, _count_tokens(batch) if weight else 0)
+            sums.add(loss, extra, weight, count_tokens(batch) if weight else 0)
         names = list(sums.metrics or {})
         if self._metric_names is None:  # once per run: the reduce below relies on it
             agree_on_names(names, "loss_fn")
@@ -309,24 +308,6 @@ class RankTrainer:
             lr=lrs[0], step_time_s=time.perf_counter() - t0, rank=self.rank,
             sample_ids=tuple(int(i) for i in local_ids), metrics=metric_means, lrs=lrs)
         return metrics, stops > 0
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if device.type == "cpu":
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _count_tokens(batch: Any) -> int:
-    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
-        return batch["input_ids"].numel()
-    return 0
 
 
 def _encode_rng(state: torch.Tensor) -> str:

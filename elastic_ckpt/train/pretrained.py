@@ -58,15 +58,15 @@ def load_pretrained(model: nn.Module, uri: str, prefix: str = "") -> PretrainedR
 
 def _plan(model: nn.Module, source, prefix: str) -> list[tuple[str, torch.Tensor]]:
     """``[(source key, target tensor)]``, one per distinct tensor of ``model.state_dict()``."""
-    available = {name[len(prefix):]: name for name in source.tensors()
-                 if name.startswith(prefix)}
     infos = source.tensors()
+    available = {name[len(prefix):]: name for name in infos if name.startswith(prefix)}
+    state = model.state_dict(keep_vars=True)
     groups: dict[int, list[str]] = {}
     targets: dict[int, torch.Tensor] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in state.items():
         groups.setdefault(id(tensor), []).append(name)
         targets[id(tensor)] = tensor
-    ignorable = _ignorable(model)
+    ignorable = _ignorable(model, state)
     may_miss = [re.compile(p) for p in
                 getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
     plan, missing, mismatched, used = [], [], [], set()
@@ -108,14 +108,14 @@ def _plan(model: nn.Module, source, prefix: str) -> list[tuple[str, torch.Tensor
     return plan
 
 
-def _ignorable(model: nn.Module) -> list[re.Pattern]:
+def _ignorable(model: nn.Module, state: dict[str, torch.Tensor]) -> list[re.Pattern]:
     """Source keys to skip: HF's ``_keys_to_ignore_on_load_unexpected`` and non-persistent
-    buffers (older HF files carry e.g. rotary ``inv_freq``, which the model computes)."""
+    buffers (not in ``state``, the model's state dict; older HF files carry e.g. rotary
+    ``inv_freq``, which the model computes)."""
     patterns = [re.compile(p) for p in
                 getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
-    persistent = set(model.state_dict(keep_vars=True))
     for name, _ in model.named_buffers():
-        if name not in persistent:
+        if name not in state:
             patterns.append(re.compile("^" + re.escape(name) + "$"))
     return patterns
 
