@@ -3,7 +3,7 @@ machine and the worker group of Ray actors. Tensors never pass through it."""
 
 from elastic_ckpt.coordinator.cluster import ClusterSnapshot, ClusterView, NodeView
 from elastic_ckpt.coordinator.coordinator import Coordinator, CoordinatorResult
-from elastic_ckpt.coordinator.events import ScalingEvent, Timeline
+from elastic_ckpt.coordinator.events import FailureNotice, ScalingEvent, Timeline
 from elastic_ckpt.coordinator.policy import (
     Failure,
     FailureDecision,
@@ -17,6 +17,6 @@ from elastic_ckpt.coordinator.policy import (
 from elastic_ckpt.coordinator.worker import TrainWorker
 
 __all__ = ["ClusterSnapshot", "ClusterView", "Coordinator", "CoordinatorResult", "Failure",
-           "FailureDecision", "FailureKind", "FailurePolicy", "NodeView", "NoopDecision",
+           "FailureDecision", "FailureKind", "FailureNotice", "FailurePolicy", "NodeView", "NoopDecision",
            "Observation", "ResizeDecision", "ScalingEvent", "ScalingPolicy", "Timeline",
            "TrainWorker"]

@@ -18,7 +18,7 @@ import ray
 from elastic_ckpt.checkpoint import CheckpointInfo, CheckpointManager
 from elastic_ckpt.config import TrainConfig
 from elastic_ckpt.coordinator.cluster import ClusterView
-from elastic_ckpt.coordinator.events import ScalingEvent, Timeline
+from elastic_ckpt.coordinator.events import FailureNotice, ScalingEvent, Timeline
 from elastic_ckpt.coordinator.policy import (
     Failure,
     FailureDecision,
@@ -68,6 +68,7 @@ class Progress:
     steps: list[StepMetrics]
     events: list[ScalingEvent]
     evals: list[EvalMetrics]
+    failures: list[FailureNotice] = dataclasses.field(default_factory=list)
 
 
 class Coordinator:

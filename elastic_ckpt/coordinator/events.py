@@ -59,6 +59,20 @@ class ScalingEvent:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class FailureNotice:
+    """A failure as the coordinator saw it, sent to the driver at once (before any retry)."""
+
+    kind: str
+    """``FailureKind`` value: worker_died, node_died, preempted, training_error, fatal."""
+    message: str
+    """What failed, with the rank's traceback for errors raised by training code."""
+    at_step: int
+    """Last step completed before the failure."""
+    retrying: bool
+    """True: the group restarts from the latest checkpoint; False: the run fails."""
+
+
 class Timeline:
     """Collects events; writes each as one JSON line when it completes (if ``path`` is set)."""
 
