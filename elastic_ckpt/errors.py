@@ -78,3 +78,15 @@ class TrainingFailedError(ElasticCkptError):
     """``fit()`` gave up: failures exceeded ``failure.max_failures``, a fatal error, or fewer
     than ``min_workers`` fit for ``capacity_timeout_s``. The message names the last committed
     checkpoint, which is intact."""
+
+
+class SharedStorageError(StorageError):
+    """A local-path ``checkpoint.uri`` is not one filesystem across the group's nodes: a rank
+    on another node cannot see what rank 0 wrote. Use shared storage (NFS, Lustre, a mounted
+    bucket) at the same path on every node, or an object store (``s3://``, ``gs://``)."""
+
+
+class RankError(ElasticCkptError):
+    """Training code raised on a rank. Carries where (rank, the step being trained, the step
+    the group restored from) and what (the exception's type, message and traceback as text),
+    so the runtime can tell a deterministic bug from a transient failure."""

@@ -4,8 +4,11 @@
     python jobs/train.py --config configs/cpu_default.yaml --set max_steps=100
     ray job submit --working-dir . -- python jobs/train.py --config configs/<name>.yaml
 
-Under ``ray job submit`` (RAY_ADDRESS set) it joins that cluster; otherwise it starts a local
-Ray. Re-running with the same ``checkpoint.uri`` resumes from its latest checkpoint.
+Which Ray: ``--ray-address`` (default: Ray's convention: RAY_ADDRESS, which ``ray job submit``
+sets, else a cluster ``ray start`` runs on this machine, else a new local Ray); the first line
+says which. Relative paths resolve against the working directory; under ``ray job submit``
+(whose working dir is a temporary copy) checkpoint.uri and run_dir must be absolute or s3://.
+Re-running with the same ``checkpoint.uri`` resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from elastic_ckpt.config import load_config  # noqa: E402
 from elastic_ckpt.errors import ElasticCkptError  # noqa: E402
 from elastic_ckpt.trainer import ElasticTrainer  # noqa: E402
+from elastic_ckpt.trainer.ray_session import ADDRESS_HELP  # noqa: E402
 from elastic_ckpt.trainer.progress import ProgressPrinter, format_event  # noqa: E402
 
 
@@ -29,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML file (see configs/); default: built-in defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set data.global_batch_size=64 (repeatable)")
+    p.add_argument("--ray-address", default=None, metavar="local|auto|ADDR", help=ADDRESS_HELP)
     return p.parse_args(argv)
 
 
@@ -47,19 +52,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.set)
+        printer = ProgressPrinter(config)
+        trainer = ElasticTrainer(config=config, on_progress=printer,
+                                 ray_address=args.ray_address)
     except ElasticCkptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     s = config.scaling
     print(f"elastic_ckpt: {describe_model(config)}, {config.max_steps} steps, "
           f"global batch {config.data.global_batch_size}, {s.min_workers}-{s.max_workers} "
-          f"workers, checkpoints in {config.checkpoint.uri}", flush=True)
+          "workers", flush=True)
     started = time.perf_counter()
     try:
-        result = ElasticTrainer(config=config, on_progress=ProgressPrinter(config)).fit()
+        result = trainer.fit()
     except ElasticCkptError as exc:
+        printer.close()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    printer.close()
     losses = [h.loss for h in result.history]
     trained = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else (
         "nothing to do: the checkpoint is already at max_steps (raise max_steps or use a new "

@@ -12,7 +12,9 @@ import dataclasses
 import os
 import threading
 import time
+import traceback
 from typing import Any
+
 import ray
 
 from elastic_ckpt.checkpoint import CheckpointInfo, CheckpointManager
@@ -103,6 +105,9 @@ class Coordinator:
         self._next_seq: dict[int, int] = {}
         self._last_healthy = time.time()
         self._resumed_s: float | None = None  # when the current group made its first step
+        self._last_failure: Failure | None = None
+        self._latest_error = ""
+        self._progress_failures: list[FailureNotice] = []
 
     # -- public (Ray actor methods) ---------------------------------------------------------
     def run(self) -> CoordinatorResult:
@@ -117,12 +122,15 @@ class Coordinator:
                 state = new
             if isinstance(state, Failed):
                 error = state.error
+        except Exception as exc:  # never a raw traceback out of run(): say what broke
+            error = (f"the coordinator failed in state {type(state).__name__}: "
+                     f"{type(exc).__name__}: {exc}. Last committed checkpoint: "
+                     f"{self._latest_uri()}.\n{traceback.format_exc().rstrip()}")
         finally:
             self.group.shutdown()
             self._request_resources(0)
-        latest = CheckpointManager(self.config.checkpoint.uri).latest()
         return CoordinatorResult(
-            final_step=self.last_step, checkpoint=latest,
+            final_step=self.last_step, checkpoint=self._latest(),
             history=tuple(self.history[s] for s in sorted(self.history)),
             events=tuple(self.timeline.events),
             sample_ledger={s: tuple(i for r in sorted(v) for i in v[r])
@@ -136,8 +144,10 @@ class Coordinator:
     def progress(self) -> Progress:
         """Steps, evals and completed events since the previous call (for the driver)."""
         with self._lock:
-            out = Progress(self._progress, self._progress_events, self._progress_evals)
+            out = Progress(self._progress, self._progress_events, self._progress_evals,
+                           self._progress_failures)
             self._progress, self._progress_events, self._progress_evals = [], [], []
+            self._progress_failures = []
         return out
 
     # -- transitions ------------------------------------------------------------------------
@@ -233,16 +243,27 @@ class Coordinator:
         t0 = time.time()
         self._teardown()  # survivors die now, not after a collective timeout
         event.phases["teardown"] = time.time() - t0
-        decision = self.failure_policy.decide(state.failure, self.failures)
-        if self.failure_policy.counts(state.failure):
+        failure, previous = state.failure, self._last_failure
+        decision = self.failure_policy.decide(failure, self.failures, previous)
+        self._last_failure = failure
+        if self.failure_policy.counts(failure):
             self.failures += 1
-        if decision is FailureDecision.RAISE:
-            return Failed(
-                f"training failed: {state.failure.message} ({state.failure.kind.value}; "
-                f"{self.failures} failure(s), failure.max_failures="
-                f"{self.config.failure.max_failures}). Last committed checkpoint: "
-                f"{self._latest_uri()}; fit() resumes from it when re-run.")
-        return Starting(event)
+        retrying = decision is not FailureDecision.RAISE
+        with self._lock:
+            self._progress_failures.append(FailureNotice(
+                failure.kind.value, failure.message, self.last_step, retrying))
+        if retrying:
+            return Starting(event)
+        if self.failure_policy.is_repeat(failure, previous):
+            why = ("the same error at the same step after restoring the same checkpoint "
+                   "again: it is deterministic (a bug or bad input, not a flaky node), so it "
+                   "is not retried")
+        else:
+            why = (f"{failure.kind.value}; {self.failures} failure(s), failure.max_failures="
+                   f"{self.config.failure.max_failures}")
+        return Failed(f"training failed ({why}). Last committed checkpoint: "
+                      f"{self._latest_uri()}; fit() resumes from it when re-run.\n"
+                      f"{failure.message}")
 
     def _waiting(self, state: Waiting) -> State:
         capacity = self._observe_capacity(force=True)
@@ -400,9 +421,22 @@ class Coordinator:
     def _draining_workers(self) -> int:
         return sum(n in self._drain_deadlines for n in self.group.node_ids)
 
+    def _latest(self) -> CheckpointInfo | None:
+        """The latest committed checkpoint; None when there is none or it cannot be read
+        (the reason is kept in ``_latest_error``: a failure report must not fail itself)."""
+        try:
+            return CheckpointManager(self.config.checkpoint.uri).latest()
+        except Exception as exc:  # noqa: BLE001 - storage errors while reporting a failure
+            self._latest_error = f"{type(exc).__name__}: {exc}"
+            return None
+
     def _latest_uri(self) -> str:
-        latest = CheckpointManager(self.config.checkpoint.uri).latest()
-        return latest.uri if latest else "none"
+        latest = self._latest()
+        if latest is not None:
+            return latest.uri
+        if self._latest_error:
+            return f"unknown ({self.config.checkpoint.uri} cannot be read: {self._latest_error})"
+        return f"none in {self.config.checkpoint.uri}"
 
     def _request_resources(self, num_workers: int) -> None:
         if not self.config.scaling.request_resources:

@@ -97,6 +97,10 @@ class FailureKind(enum.Enum):
 class Failure:
     kind: FailureKind
     message: str
+    signature: tuple | None = None
+    """For errors raised by training code: (exception type, message, step being trained,
+    step restored from). Equal signatures on two attempts mean the same error at the same
+    point after a restore from the same checkpoint: deterministic."""
 
 
 class FailureDecision(enum.Enum):
@@ -107,16 +111,24 @@ class FailureDecision(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class FailurePolicy:
     """Retry crashes until ``max_failures`` of them (None: forever); preemptions never count;
-    fatal errors never retry."""
+    fatal errors never retry, nor does a training error that repeats itself exactly."""
 
     max_failures: int | None = 3
 
     def counts(self, failure: Failure) -> bool:
         return failure.kind is not FailureKind.PREEMPTED
 
-    def decide(self, failure: Failure, failures_so_far: int) -> FailureDecision:
-        """``failures_so_far`` counts earlier counted failures, not this one."""
-        if failure.kind is FailureKind.FATAL:
+    def is_repeat(self, failure: Failure, previous: Failure | None) -> bool:
+        """The same training error as the previous failure, at the same step after a restore
+        from the same checkpoint: retrying would only raise it again."""
+        return (previous is not None and failure.kind is FailureKind.TRAINING_ERROR
+                and failure.signature is not None and failure.signature == previous.signature)
+
+    def decide(self, failure: Failure, failures_so_far: int,
+               previous: Failure | None = None) -> FailureDecision:
+        """``failures_so_far`` counts earlier counted failures, not this one; ``previous`` is
+        the failure before this one (None: none since the run started)."""
+        if failure.kind is FailureKind.FATAL or self.is_repeat(failure, previous):
             return FailureDecision.RAISE
         if not self.counts(failure) or self.max_failures is None:
             return FailureDecision.RETRY

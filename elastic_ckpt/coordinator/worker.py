@@ -10,13 +10,16 @@ import itertools
 import socket
 import threading
 import time
+import traceback
 from typing import Any
 
 import ray
 import torch
 
+from elastic_ckpt.errors import ElasticCkptError, RankError
 from elastic_ckpt.train import RankHooks, RankResult, RankSpec, TrainJob
 from elastic_ckpt.train.distributed import process_group
+from elastic_ckpt.train.storage_check import check_shared_storage
 
 
 class TrainWorker:
@@ -57,9 +60,27 @@ class TrainWorker:
                           on_event=lambda name, fields: report("event", (name, fields)))
         with process_group(spec):
             report("event", ("rendezvous", {"seconds": time.perf_counter() - started}))
-            result = self.job.trainer(hooks, spec.device).run()
+            check_shared_storage(self.job.config.checkpoint.uri, spec.node or self.node_id())
+            trainer = self.job.trainer(hooks, spec.device)
+            try:
+                result = trainer.run()
+            except ElasticCkptError:
+                raise  # typed: the runtime classifies it (fatal config/checkpoint errors)
+            except Exception as exc:
+                raise _rank_error(exc, spec.rank, trainer) from exc
         return result, next(seq)
 
     def request_stop(self) -> None:
         """Stop at the next step boundary, with a checkpoint (the group agrees on the step)."""
         self._stop.set()
+
+
+def _rank_error(exc: Exception, rank: int, trainer: Any) -> RankError:
+    """The user-code exception as a ``RankError``: where it happened and the traceback."""
+    step, resumed = trainer.current_step, trainer.restored_step
+    where = f"in step {step}" if step is not None else "before the first step"
+    since = "" if resumed is None else f" (resumed from step {resumed})"
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    return RankError(f"rank {rank} raised {where}{since}: {type(exc).__name__}: {exc}\n{text}",
+                     rank=rank, step=step, resumed_step=resumed,
+                     error_type=type(exc).__name__, error_message=str(exc), traceback=text)

@@ -14,11 +14,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from elastic_ckpt.coordinator.policy import Failure, FailureKind
 from elastic_ckpt.coordinator.worker import TrainWorker
-from elastic_ckpt.errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
+from elastic_ckpt.errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    ConfigError,
+    RankError,
+    SharedStorageError,
+)
 from elastic_ckpt.train import RankResult, RankSpec, TrainJob
 
 ACTOR_START_TIMEOUT_S = 180.0
-_FATAL = (ConfigError, CheckpointMismatchError, CheckpointCorruptError)
+_FATAL = (ConfigError, CheckpointMismatchError, CheckpointCorruptError, SharedStorageError)
 _PRIORITY = {FailureKind.FATAL: 0, FailureKind.PREEMPTED: 1, FailureKind.NODE_DIED: 2,
              FailureKind.WORKER_DIED: 3, FailureKind.TRAINING_ERROR: 4}
 
@@ -107,7 +113,8 @@ class WorkerGroup:
         self.generation += 1
         self.run_refs = [
             actor.run.remote(RankSpec(rank=r, world_size=n, master_addr=addr, master_port=port,
-                                      use_gpu=self.use_gpu), self.generation, self.sink)
+                                      use_gpu=self.use_gpu, node=self.node_ids[r]),
+                             self.generation, self.sink)
             for r, actor in enumerate(self.actors)
         ]
 
@@ -164,6 +171,9 @@ def _classify(exc: BaseException, rank: int | None) -> Failure:
             return Failure(FailureKind.FATAL, f"{where}: {cause}")
         if isinstance(cause, RayActorError):
             return Failure(FailureKind.WORKER_DIED, f"{where}: {cause}")
+        if isinstance(cause, RankError):
+            return Failure(FailureKind.TRAINING_ERROR, str(cause), signature=(
+                cause.error_type, cause.error_message, cause.step, cause.resumed_step))
         return Failure(FailureKind.TRAINING_ERROR, f"{where}: {exc}")
     if isinstance(exc, RayActorError):
         text = str(exc)

@@ -23,6 +23,8 @@ class RankSpec:
     use_gpu: bool = False
     local_device: int = 0
     timeout_s: float = 600.0
+    node: str = ""
+    """The node this rank runs on (Ray node id; empty: this machine)."""
 
     @property
     def backend(self) -> str:

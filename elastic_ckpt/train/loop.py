@@ -66,6 +66,10 @@ class RankTrainer:
         self.ckpt = CheckpointManager(ck.uri, keep_last=ck.keep_last, keep_every=ck.keep_every)
         self.restore_warnings: list[str] = []
         self._metric_names: list[str] | None = None
+        self.current_step: int | None = None
+        """The step being trained (1-based) while the loop runs; None before the first one."""
+        self.restored_step: int | None = None
+        """The step the run resumed from once the restore is done (0: no checkpoint)."""
 
     # -- setup -------------------------------------------------------------------------------
     def _build(self) -> tuple[nn.Module, torch.optim.Optimizer, Any | None]:
@@ -200,6 +204,7 @@ class RankTrainer:
         if not user_scheduler:
             scheduler = self._builtin_schedule(optimizer, base_lrs, step)
         restored = None if info is None else step
+        self.restored_step = step
         self.hooks.on_event("restore", {
             "seconds": time.perf_counter() - t0, "step": step,
             "from_world_size": None if info is None else info.world_size,
@@ -210,6 +215,7 @@ class RankTrainer:
         tokens_seen = int(trainer_state.get("tokens_seen", 0))
         stopped = False
         while step < self.config.max_steps:
+            self.current_step = step + 1
             metrics, stop = self._train_step(model, optimizer, scheduler, step)
             step += 1
             tokens_seen += metrics.tokens

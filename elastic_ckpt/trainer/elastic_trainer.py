@@ -8,20 +8,22 @@ result = ElasticTrainer(model_fn=..., dataset=..., loss_fn=..., config=TrainConf
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from elastic_ckpt.checkpoint import CheckpointInfo
+from elastic_ckpt.checkpoint import CheckpointInfo, CheckpointManager
 from elastic_ckpt.config import TrainConfig, validate_config
 from elastic_ckpt.coordinator import Coordinator, ScalingEvent
 from elastic_ckpt.coordinator.coordinator import Progress
 from elastic_ckpt.data import ParquetDataset, SyntheticLMDataset
 from elastic_ckpt.errors import ConfigError, TrainingFailedError
 from elastic_ckpt.train import EvalMetrics, StepMetrics, TrainJob, TrainSpec
+from elastic_ckpt.trainer.preflight import Preflight, preflight
+from elastic_ckpt.trainer.ray_session import RaySession, connect
+from elastic_ckpt.trainer.run_paths import resolve_run_paths
 
 ProgressFn = Callable[[Progress], None]
 """``on_progress(progress)``: called on the driver with the steps, evals and completed scaling
@@ -63,7 +65,12 @@ class ElasticTrainer:
     dataset in ``config.data.dataset`` and its next-token loss are used. The builders
     ``parallelize_fn``, ``optimizer_fn``, ``lr_scheduler_fn``, ``eval_fn`` and ``collate_fn``
     are described on ``elastic_ckpt.train.TrainSpec``; ``eval_dataset`` (default
-    ``config.eval.dataset``) is evaluated every ``eval.interval_steps`` and at the end."""
+    ``config.eval.dataset``) is evaluated every ``eval.interval_steps`` and at the end.
+
+    Relative local paths in the config are made absolute here, against this process's working
+    directory (refused inside a ``ray job submit`` working-dir copy, which Ray deletes).
+    ``ray_address`` picks the Ray cluster (``trainer.ray_session.ADDRESS_HELP``; default: Ray's
+    convention); ``fit()`` says which one it joined or started, unless ``verbose=False``."""
 
     def __init__(self, model_fn: Callable[[], torch.nn.Module] | None = None,
                  dataset: Any | None = None, loss_fn: Callable | None = None,
@@ -72,11 +79,13 @@ class ElasticTrainer:
                  parallelize_fn: Callable | None = None, optimizer_fn: Callable | None = None,
                  lr_scheduler_fn: Callable | None = None, eval_dataset: Any | None = None,
                  eval_fn: Callable | None = None, record_samples: bool = False,
-                 on_progress: ProgressFn | None = None) -> None:
+                 on_progress: ProgressFn | None = None, ray_address: str | None = None,
+                 verbose: bool = True) -> None:
         if config is None:
             config = TrainConfig()
         elif isinstance(config, dict):
             config = validate_config(config)
+        config = resolve_run_paths(config)
         if (model_fn is None) != (loss_fn is None):
             raise ConfigError("pass model_fn and loss_fn together (or neither, for the model "
                               "config.model names and its next-token loss)", field="model_fn")
@@ -93,11 +102,22 @@ class ElasticTrainer:
             eval_dataset=eval_dataset)
         self.record_samples = record_samples
         self.on_progress = on_progress
+        self.ray_address = ray_address
+        self.verbose = verbose
+        self.preflight: Preflight | None = None
+        """What the checks before the first step found (set by ``fit``)."""
+        self.ray_session: RaySession | None = None
+        """Which Ray ``fit`` ran on."""
 
     def fit(self) -> Result:
-        """Train to ``max_steps`` across any resizes and failures. Raises
-        ``TrainingFailedError`` (the last committed checkpoint stays intact)."""
-        _ensure_ray()
+        """Train to ``max_steps`` across any resizes and failures. Before any worker starts,
+        the checkpoint root and ``run_dir`` are probed and the datasets opened (typed errors
+        naming the field). Raises ``TrainingFailedError`` (the last committed checkpoint stays
+        intact)."""
+        self.preflight = preflight(self.config, self.job.dataset, self.job.eval_dataset)
+        self.ray_session = connect(self.ray_address)
+        self._say(self.ray_session.describe())
+        self._say(self.preflight.describe())
         here = ray.get_runtime_context().get_node_id()
         coordinator = ray.remote(Coordinator).options(
             num_cpus=0, max_concurrency=4, max_restarts=0,
@@ -109,6 +129,8 @@ class ElasticTrainer:
                 self._show(ray.get(coordinator.progress.remote()))
             self._show(ray.get(coordinator.progress.remote()))
             out = ray.get(run)
+        except ray.exceptions.RayError as exc:
+            raise TrainingFailedError(self._coordinator_lost(exc)) from None
         finally:
             ray.kill(coordinator, no_restart=True)
         if out.error:
@@ -119,8 +141,30 @@ class ElasticTrainer:
 
     def _show(self, progress: Progress) -> None:
         if self.on_progress is not None and (progress.steps or progress.events
-                                             or progress.evals):
+                                             or progress.evals or progress.failures):
             self.on_progress(progress)
+
+    def _say(self, line: str) -> None:
+        if self.verbose:
+            print(f"elastic_ckpt: {line}", flush=True)
+
+    def _coordinator_lost(self, exc: BaseException) -> str:
+        """The error text when the coordinator actor itself is gone (cancelled, killed, its
+        node or the cluster shut down), which no retry inside the run can cover."""
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        try:
+            latest = CheckpointManager(self.config.checkpoint.uri).latest()
+            last = latest.uri if latest else f"none in {self.config.checkpoint.uri}"
+        except Exception as err:  # noqa: BLE001
+            last = f"unknown ({err})"
+        where = self.ray_session.describe() if self.ray_session else "Ray"
+        return (f"the run's coordinator actor stopped before training ended "
+                f"({type(exc).__name__}: {first}). This run {where}; a coordinator is "
+                "cancelled or dies when that cluster shuts down or its node is lost, or when "
+                "another job's driver stops a cluster this run joined. Start a private local "
+                "Ray with ray_address='local' (jobs/train.py --ray-address local) or submit "
+                f"the job to a cluster of its own. Last committed checkpoint: {last}; "
+                "fit() resumes from it when re-run.")
 
 
 def _check_eval(config: TrainConfig, eval_dataset: Any, eval_fn: Callable | None) -> None:
@@ -135,13 +179,3 @@ def _check_eval(config: TrainConfig, eval_dataset: Any, eval_fn: Callable | None
     if len(eval_dataset) == 0:
         raise ConfigError(f"the eval dataset ({type(eval_dataset).__name__}) is empty",
                           field="eval.dataset")
-
-
-def _ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (``ray job submit``), or start a local one."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
