@@ -4,13 +4,18 @@ YAML + ``--set`` loading; and a resume that would change the sample order is ref
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, ValidationError
 
 from elastic_ckpt.train.local import run_ranks
 from elastic_ckpt.config import (
+    CheckpointConfig,
     DataConfig,
+    HFModelConfig,
     ModelConfig,
     ParquetDatasetConfig,
     ScalingConfig,
@@ -233,6 +238,134 @@ def test_config_error_survives_pickling():
     assert type(again) is ConfigError and isinstance(again, ValueError)
     assert (again.file, again.field, str(again)) == ("job.yaml", "optim.lr", str(err.value))
 
+
+
+# -- errors a person can act on -------------------------------------------------------------------
+@pytest.mark.parametrize("item,key,suggestion", [
+    ("max_step=10", "max_step", "max_steps"),
+    ("checkpoint.intreval_steps=5", "checkpoint.intreval_steps", "checkpoint.interval_steps"),
+    ("checkpont.uri=s3://b/run", "checkpont", "checkpoint.uri"),  # a misspelled section
+    ("data.lr=0.1", "data.lr", "optim.lr"),  # the right name in the wrong section
+    ("data.dataset.num_sample=9", "data.dataset.num_sample", "data.dataset.num_samples"),
+    ("data.dataset={kind: parquet, uri: x, colum: t}", "data.dataset.colum",
+     "data.dataset.column"),
+])
+def test_unknown_keys_get_did_you_mean(item, key, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [item])
+    assert str(err.value) == f"--set {item}: {key}: unknown field; did you mean {suggestion}?"
+    assert err.value.field == key
+
+
+def test_unknown_key_without_a_close_match_lists_the_section():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.zzz=1"])
+    assert str(err.value) == ("--set data.zzz=1: data.zzz: unknown field; data has: "
+                              f"{', '.join(DataConfig.model_fields)}")
+
+
+def test_errors_name_the_yaml_line_or_the_set_item(tmp_path):
+    path = _write(tmp_path, JOB + "  interval_step: 5\n")  # line 10, under checkpoint
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}:10: checkpoint.interval_step: unknown field; "
+                              "did you mean checkpoint.interval_steps?")
+    assert (err.value.file, err.value.field) == (path, "checkpoint.interval_step")
+    # A value from the file names its line; one from --set names the item, whatever the file.
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, JOB.replace("lr: 0.001", "lr: -1"), "lr.yaml"))
+    assert str(err.value).startswith(f"{tmp_path / 'lr.yaml'}:6: optim.lr: ")
+    assert "(got -1)" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["checkpoint.interval_steps=5", "checkpoint.x=1"])
+    assert str(err.value).startswith(f"{path}: 2 configuration errors:\n")
+    lines = str(err.value).splitlines()[1:]
+    assert lines == [f"  {path}:10: checkpoint.interval_step: unknown field; did you mean "
+                     "checkpoint.interval_steps?",
+                     "  --set checkpoint.x=1: checkpoint.x: unknown field; checkpoint has: "
+                     f"{', '.join(CheckpointConfig.model_fields)}"]
+    # A missing field names where its section was written.
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "data:\n  dataset:\n    kind: parquet\n", "pq.yaml"))
+    assert str(err.value) == f"{tmp_path / 'pq.yaml'}:2: data.dataset.uri: required, not set"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.dataset.kind=parquet"])
+    assert str(err.value) == "--set data.dataset.kind=parquet: data.dataset.uri: required, not set"
+
+
+def test_errors_without_a_file_do_not_say_defaults():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.micro_batch_size=64"])
+    assert str(err.value) == ("--set overrides: data.micro_batch_size (64) must be <= "
+                              "data.global_batch_size (32)")
+    assert err.value.file is None and err.value.field == "data.micro_batch_size"
+    with pytest.raises(ConfigError) as err:
+        validate_config({"max_step": 3})
+    assert str(err.value) == "the configuration: max_step: unknown field; did you mean max_steps?"
+
+
+@pytest.mark.parametrize("raw,text", [
+    ({"data": {"global_batch_size": 32, "micro_batch_size": 64}},
+     "job.yaml: data.micro_batch_size (64) must be <= data.global_batch_size (32)"),
+    ({"mixed_precision": "bf16"}, "job.yaml: mixed_precision='bf16' needs scaling.use_gpu=true"),
+    ({"model": {"d_model": 30}}, "job.yaml: model: n_heads (4) must divide d_model (30)"),
+    ({"scaling": {"min_workers": 3}},
+     "job.yaml: scaling: min_workers (3) must be <= max_workers (2)"),
+])
+def test_rule_errors_read_as_sentences(raw, text):
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw, "job.yaml")
+    assert str(err.value) == text
+    assert "<root>" not in str(err.value) and "Value error" not in str(err.value)
+
+
+def _kinds(*models) -> str:
+    return ", ".join(f"{m.model_fields['kind'].annotation.__args__[0]} "
+                     f"({', '.join(n for n in m.model_fields if n != 'kind')})" for m in models)
+
+
+def test_a_key_of_another_kind_names_that_kind(tmp_path):
+    datasets = _kinds(SyntheticDatasetConfig, ParquetDatasetConfig)
+    assert datasets == ("synthetic (num_samples, seq_len, vocab_size), "
+                        "parquet (uri, column, seq_len)")
+    path = _write(tmp_path, "data:\n  dataset:\n    uri: s3://b/tokens\n    column: ids\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"{path}:3: data.dataset: `uri`, `column` are not fields of the synthetic dataset (the "
+        "default kind); set kind: parquet for token sequences from Parquet files (any "
+        f"pyarrow.fs URI). Kinds: {datasets}")
+    assert err.value.field == "data.dataset.uri"
+    with pytest.raises(ConfigError) as err:  # the same for eval.dataset
+        load_config(None, ["eval.dataset.uri=x"])
+    assert "eval.dataset: `uri` is not a field of the synthetic dataset" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # a kind given explicitly
+        validate_config({"data": {"dataset": {"kind": "parquet", "uri": "x", "seq_len": 8,
+                                              "num_samples": 9}}})
+    assert ("data.dataset: `num_samples` is not a field of the parquet dataset (kind: parquet); "
+            "set kind: synthetic for a learnable synthetic") in str(err.value)
+    # model: an HF config without kind: hf.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.config={model_type: llama}"])
+    assert str(err.value) == (
+        "--set model.config={model_type: llama}: model: `config` is not a field of the gpt "
+        "model (the default kind); set kind: hf for a `transformers` causal language model. "
+        f"Kinds: {_kinds(ModelConfig, HFModelConfig)}")
+    # An unknown kind lists the kinds, and suggests the close one.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.dataset.kind=parquett"])
+    assert str(err.value) == ("--set data.dataset.kind=parquett: data.dataset: unknown kind "
+                              f"'parquett'; did you mean parquet? Kinds: {datasets}")
+
+
+def test_train_job_exits_2_with_did_you_mean():
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "jobs/train.py", "--set", "max_step=10"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "did you mean max_steps?" in proc.stderr
+    assert proc.stderr.strip() == ("error: --set max_step=10: max_step: unknown field; "
+                                   "did you mean max_steps?")
 
 # -- a resume must not change the sample order ----------------------------------------------------
 @pytest.mark.dist
