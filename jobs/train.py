@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         printer.close()
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    printer.close()
+    finally:
+        printer.close()
     losses = [h.loss for h in result.history]
     trained = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else (
         "nothing to do: the checkpoint is already at max_steps (raise max_steps or use a new "

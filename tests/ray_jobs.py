@@ -136,3 +136,8 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
 def full_params(model) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v
             for k, v in model.state_dict().items()}
+
+
+def buggy_loss(model, batch):
+    """A user's bug: the dataset has no ``labels`` (the same KeyError on every attempt)."""
+    return lm_loss(model, {"input_ids": batch["input_ids"], "labels": batch["labels"]})

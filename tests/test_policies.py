@@ -76,6 +76,34 @@ def test_failure_policy_table(kind, so_far, max_failures, expected):
     assert policy.counts(Failure(kind, "x")) is (kind is not FailureKind.PREEMPTED)
 
 
+_SIG = ("KeyError", "'labels'", 1, 0)  # type, message, step trained, step restored from
+_TE = FailureKind.TRAINING_ERROR
+
+
+@pytest.mark.parametrize("failure, previous, expected", [
+    # The same error at the same step after restoring the same checkpoint: deterministic.
+    (Failure(_TE, "a", _SIG), Failure(_TE, "a", _SIG), FailureDecision.RAISE),
+    # The first time, or after another kind of failure: retried.
+    (Failure(_TE, "a", _SIG), None, FailureDecision.RETRY),
+    (Failure(_TE, "a", _SIG), Failure(FailureKind.WORKER_DIED, "died"), FailureDecision.RETRY),
+    # Another step, another restore point, another message or type: not the same error.
+    (Failure(_TE, "a", _SIG), Failure(_TE, "a", ("KeyError", "'labels'", 2, 0)),
+     FailureDecision.RETRY),
+    (Failure(_TE, "a", _SIG), Failure(_TE, "a", ("KeyError", "'labels'", 1, 4)),
+     FailureDecision.RETRY),
+    (Failure(_TE, "a", _SIG), Failure(_TE, "a", ("KeyError", "'ids'", 1, 0)),
+     FailureDecision.RETRY),
+    (Failure(_TE, "a", _SIG), Failure(_TE, "a", ("ValueError", "'labels'", 1, 0)),
+     FailureDecision.RETRY),
+    # Without a signature (a crash seen only from outside) nothing is known to repeat.
+    (Failure(_TE, "a"), Failure(_TE, "a"), FailureDecision.RETRY),
+])
+def test_failure_policy_repeated_training_error(failure, previous, expected):
+    policy = FailurePolicy(max_failures=None)
+    assert policy.decide(failure, 1, previous) is expected
+    assert policy.is_repeat(failure, previous) is (expected is FailureDecision.RAISE)
+
+
 def _event():
     return ScalingEvent("start", "test", from_workers=0)
 

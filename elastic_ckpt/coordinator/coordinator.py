@@ -254,7 +254,9 @@ class Coordinator:
                 failure.kind.value, failure.message, self.last_step, retrying))
         if retrying:
             return Starting(event)
-        if self.failure_policy.is_repeat(failure, previous):
+        if failure.kind is FailureKind.FATAL:
+            why = "a fatal error: retrying cannot fix it"
+        elif self.failure_policy.is_repeat(failure, previous):
             why = ("the same error at the same step after restoring the same checkpoint "
                    "again: it is deterministic (a bug or bad input, not a flaky node), so it "
                    "is not retried")
@@ -451,6 +453,8 @@ class Coordinator:
 
 def _current_actor() -> Any:
     """This process's actor handle when running as the coordinator actor (else None)."""
+    if not ray.is_initialized():  # asking the runtime context would start a Ray
+        return None
     try:
         return ray.get_runtime_context().current_actor
     except Exception:  # not inside an actor (unit tests drive the class directly)

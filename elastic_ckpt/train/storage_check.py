@@ -3,6 +3,7 @@ group. Rank 0 writes a token, every rank reads it back; collective over the defa
 
 from __future__ import annotations
 
+import socket
 import uuid
 
 import torch.distributed as dist
@@ -20,7 +21,7 @@ def check_shared_storage(uri: str, node: str) -> None:
     storage = Storage(uri)
     world = dist.get_world_size()
     nodes: list[str] = [""] * world
-    dist.all_gather_object(nodes, node)
+    dist.all_gather_object(nodes, f"{node} (host {socket.gethostname()})")
     if not storage.is_local or len(set(nodes)) <= 1:
         return
     token = [uuid.uuid4().hex if dist.get_rank() == 0 else ""]
