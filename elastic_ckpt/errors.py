@@ -78,3 +78,9 @@ class TrainingFailedError(ElasticCkptError):
     """``fit()`` gave up: failures exceeded ``failure.max_failures``, a fatal error, or fewer
     than ``min_workers`` fit for ``capacity_timeout_s``. The message names the last committed
     checkpoint, which is intact."""
+
+
+class RunDirError(ElasticCkptError):
+    """A run directory (``run_dir``: ``events.jsonl``, ``metrics.jsonl``) cannot be read: it is
+    missing, has no ``events.jsonl``, or a line is malformed (the message names the file and
+    line number)."""
