@@ -90,3 +90,9 @@ class RankError(ElasticCkptError):
     """Training code raised on a rank. Carries where (rank, the step being trained, the step
     the group restored from) and what (the exception's type, message and traceback as text),
     so the runtime can tell a deterministic bug from a transient failure."""
+
+
+class RunDirError(ElasticCkptError):
+    """A run directory (``run_dir``: ``events.jsonl``, ``metrics.jsonl``) cannot be read: it is
+    missing, has no ``events.jsonl``, or a line is malformed (the message names the file and
+    line number)."""

@@ -28,7 +28,7 @@ from elastic_ckpt.checkpoint.export_hf import (
 )
 from elastic_ckpt.checkpoint.manifest import COMMITTED_FILE, MANIFEST_FILE
 from elastic_ckpt.checkpoint.verify import verify
-from elastic_ckpt.cli import views
+from elastic_ckpt.cli import timeline, views
 from elastic_ckpt.errors import (
     CheckpointNotCommittedError,
     CheckpointNotFoundError,
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "non-empty OUT, keeping other files)")
     _add_json(p)
     p.set_defaults(func=cmd_export, subparser=p)
+
+    timeline.add_parser(sub)
     return parser
 
 
