@@ -41,3 +41,36 @@ def test_a_loss_fn_bug_is_fatal_after_one_retry_with_the_users_traceback(tmp_pat
     assert [(n.kind, n.at_step, n.retrying) for n in notices] == [
         ("training_error", 0, True), ("training_error", 0, False)], notices
     assert "KeyError: 'labels'" in notices[0].message
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_killed_coordinator_says_what_happened(tmp_path):
+    import threading
+
+    import ray
+    from ray_jobs import Faults, trainer_kwargs, wait_for
+
+    config = tiny_config(tmp_path, max_steps=400, scaling__max_workers=1)
+    faults = Faults(tmp_path / "faults")
+    faults.set("slow")
+    with loopback_cluster(num_nodes=1):
+        trainer = ElasticTrainer(**trainer_kwargs(config, faults))
+        steps, errors = [], []
+        trainer.on_progress = lambda p: steps.extend(p.steps)
+
+        def fit():
+            try:
+                trainer.fit()
+            except TrainingFailedError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=fit)
+        thread.start()
+        wait_for(lambda: len(steps) >= 2, 180, "two steps")
+        ray.kill(ray.get_actor(trainer.coordinator_name))
+        thread.join(120)
+    assert errors, "fit() must raise when its coordinator is gone"
+    text = str(errors[0])
+    assert "the run's coordinator actor stopped before training ended" in text, text
+    assert "ray_address='local'" in text and "Last committed checkpoint:" in text, text

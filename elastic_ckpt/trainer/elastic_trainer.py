@@ -8,6 +8,7 @@ result = ElasticTrainer(model_fn=..., dataset=..., loss_fn=..., config=TrainConf
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Any, Callable
 
 import ray
@@ -108,6 +109,8 @@ class ElasticTrainer:
         """What the checks before the first step found (set by ``fit``)."""
         self.ray_session: RaySession | None = None
         """Which Ray ``fit`` ran on."""
+        self.coordinator_name: str | None = None
+        """The Ray actor name of the running coordinator (set by ``fit``)."""
 
     def fit(self) -> Result:
         """Train to ``max_steps`` across any resizes and failures. Before any worker starts,
@@ -119,8 +122,10 @@ class ElasticTrainer:
         self._say(self.ray_session.describe())
         self._say(self.preflight.describe())
         here = ray.get_runtime_context().get_node_id()
+        # Named, so an operator finds it in `ray list actors` and the dashboard.
+        self.coordinator_name = f"elastic_ckpt-coordinator-{uuid.uuid4().hex[:8]}"
         coordinator = ray.remote(Coordinator).options(
-            num_cpus=0, max_concurrency=4, max_restarts=0,
+            name=self.coordinator_name, num_cpus=0, max_concurrency=4, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         ).remote(self.config, self.job, self.record_samples)
         try:
