@@ -25,9 +25,10 @@ RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
 def ray_cli(*args: str, timeout: float = 180, env: dict | None = None
             ) -> subprocess.CompletedProcess:
-    # This variable set to 0 forbids worker nodes; 1 allows them (Linux allows by default).
+    # 0 keeps every Ray process on 127.0.0.1 (Ray's single-machine mode); it also makes
+    # `ray start --address` refuse to join, so worker nodes start through ``add_node``.
     return subprocess.run([RAY_CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                                **(env or {})})
 
 
@@ -60,6 +61,7 @@ class RayHead:
     temp_dir: str
     port: int
     dashboard_port: int
+    nodes: list = dataclasses.field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -70,14 +72,13 @@ class RayHead:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def add_node(self, num_cpus: int = 1, prefix: list[str] = ()) -> subprocess.Popen:
-        """Join a worker node (``prefix`` wraps the ``ray start`` command, e.g. in
-        ``unshare``); returns once the cluster lists it."""
+        """Join a worker node on 127.0.0.1, run by this file as a script (``prefix`` wraps
+        it, e.g. in ``unshare``); returns once the cluster lists it. Stopped with the head."""
         before = self.alive_nodes()
-        cmd = [*prefix, RAY_CLI, "start", f"--address={self.address}",
-               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--block",
-               "--disable-usage-stats"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+        proc = subprocess.Popen([*prefix, sys.executable, __file__, self.address, str(num_cpus)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+        self.nodes.append(proc)
         deadline = time.time() + 120
         while self.alive_nodes() <= before:
             if proc.poll() is not None or time.time() > deadline:
@@ -106,7 +107,37 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
         assert started.returncode == 0, started.stderr
         yield head
     finally:
+        for node in head.nodes:  # SIGTERM: the node script shuts its Ray processes down
+            node.terminate()
+            try:
+                node.wait(30)
+            except subprocess.TimeoutExpired:
+                node.kill()
         stop_ray(temp_dir)
         leftover = processes_of(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not leftover, f"Ray processes left behind: {[p.pid for p in leftover]}"
+
+
+def _run_worker_node(address: str, num_cpus: int) -> None:
+    """A Ray worker node joined to ``address``, as ``ray.cluster_utils.Cluster.add_node``
+    starts one, until SIGTERM."""
+    import ray._private.node  # noqa: PLC0415
+    import ray._private.parameter  # noqa: PLC0415
+
+    params = ray._private.parameter.RayParams(
+        gcs_address=address, node_ip_address="127.0.0.1", num_cpus=num_cpus, num_gpus=0,
+        object_store_memory=150 * 1024 * 1024, min_worker_port=0, max_worker_port=0,
+        include_log_monitor=False, node_manager_port=0)
+    params.dashboard_agent_listen_port = None
+    node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        node.kill_all_processes(check_alive=False, allow_graceful=True)
+
+
+if __name__ == "__main__":
+    _run_worker_node(sys.argv[1], int(sys.argv[2]))

@@ -5,6 +5,7 @@ machine are left alone)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,15 @@ EXCLUDES = json.dumps({"excludes": [".git", "checkpoints", "runs", "*.egg-info"]
 
 
 def _submit(head, *args: str, timeout: float = 420):
-    return ray_cli("job", "submit", f"--address={head.dashboard}", f"--working-dir={REPO}",
-                   f"--runtime-env-json={EXCLUDES}", "--", "python", "jobs/train.py", *args,
-                   timeout=timeout)
+    deadline = time.time() + 90
+    while True:
+        out = ray_cli("job", "submit", f"--address={head.dashboard}", f"--working-dir={REPO}",
+                      f"--runtime-env-json={EXCLUDES}", "--", "python", "jobs/train.py", *args,
+                      timeout=timeout)
+        # Right after `ray start` the head's job agent may not be up yet.
+        if "No available agent to submit job" not in out.stderr or time.time() > deadline:
+            return out
+        time.sleep(2)
 
 
 def test_ray_job_submit_default_job_and_relative_paths(tmp_path):
