@@ -5,6 +5,8 @@ or start a local one."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 
 import ray
 
@@ -25,12 +27,15 @@ class RaySession:
     cpus: float
     gpus: float
     dashboard_url: str | None = None
+    note: str = ""
+    """Why this Ray was chosen, when that is not obvious."""
 
     def describe(self) -> str:
         gpus = f", {self.gpus:g} GPUs" if self.gpus else ""
         dashboard = f"; dashboard {self.dashboard_url}" if self.dashboard_url else ""
         if self.started:
-            return f"started a local Ray ({self.cpus:g} CPUs{gpus}{dashboard})"
+            note = f"; {self.note}" if self.note else ""
+            return f"started a local Ray ({self.cpus:g} CPUs{gpus}{dashboard}{note})"
         return (f"joined the Ray cluster at {self.address} ({self.nodes} node"
                 f"{'s' if self.nodes != 1 else ''}, {self.cpus:g} CPUs"
                 f"{gpus or ', 0 GPUs'}{dashboard})")
@@ -39,6 +44,7 @@ class RaySession:
 def connect(address: str | None = None) -> RaySession:
     """Connect this process to Ray as ``address`` says (see ``ADDRESS_HELP``); a process
     already connected keeps its connection."""
+    note = ""
     if not ray.is_initialized():
         local = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
                  "_node_ip_address": "127.0.0.1"}
@@ -46,17 +52,36 @@ def connect(address: str | None = None) -> RaySession:
             if address == "local":
                 ray.init(address="local", log_to_driver=True, **local)
             elif address is None:
-                import os  # noqa: PLC0415
-
                 joining = bool(os.environ.get("RAY_ADDRESS"))
-                ray.init(log_to_driver=True, **({} if joining else local))
+                stale = None if joining else _stale_local_address()
+                if stale:  # Ray would wait minutes for a cluster that is gone: start one
+                    note = (f"the cluster `ray start` last ran on this machine ({stale}) does "
+                            "not answer")
+                ray.init(address="local" if stale else None, log_to_driver=True,
+                         **({} if joining else local))
             else:
                 ray.init(address=address, log_to_driver=True)
         except ConnectionError as exc:
             raise ConfigError(f"cannot join the Ray cluster at {address or 'RAY_ADDRESS'}: "
                               f"{exc}. Check the address, or use --ray-address local to start "
                               "a local Ray.", field="ray_address") from None
-    return current_session()
+    return dataclasses.replace(current_session(), note=note)
+
+
+def _stale_local_address() -> str | None:
+    """The address in Ray's ``ray_current_cluster`` file when nothing listens there (a cluster
+    that ended without removing it), else None."""
+    try:
+        address = ray._private.utils.read_ray_address()  # noqa: SLF001
+        host, _, port = (address or "").rpartition(":")
+        if not host:
+            return None
+        with socket.create_connection((host, int(port)), timeout=2.0):
+            return None
+    except (OSError, ValueError):
+        return address or None
+    except Exception:  # noqa: BLE001 - Ray internals moved: keep Ray's own behaviour
+        return None
 
 
 def current_session() -> RaySession:
