@@ -8,6 +8,7 @@ from elastic_ckpt.config.schema import (
     EvalConfig,
     FailureConfig,
     HFModelConfig,
+    LoggingConfig,
     ModelConfig,
     OptimConfig,
     ParallelConfig,
@@ -18,6 +19,6 @@ from elastic_ckpt.config.schema import (
 )
 
 __all__ = ["CheckpointConfig", "DataConfig", "EvalConfig", "FailureConfig", "HFModelConfig",
-           "ModelConfig", "OptimConfig", "ParallelConfig", "ParquetDatasetConfig",
+           "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "ParquetDatasetConfig",
            "ScalingConfig", "SyntheticDatasetConfig", "TrainConfig", "dump_config",
            "load_config", "validate_config"]

@@ -185,6 +185,13 @@ class FailureConfig(_Section):
     """Crashes tolerated before ``fit()`` raises (preemptions don't count; None: unlimited)."""
 
 
+class LoggingConfig(_Section):
+    """Metrics sinks beyond ``<run_dir>/metrics.jsonl`` and Ray metrics (always on)."""
+
+    tensorboard: bool = False
+    """Write TensorBoard scalars to ``<run_dir>/tensorboard`` (needs the tensorboard package)."""
+
+
 class ModelConfig(_Section):
     """The built-in GPT-style model ``jobs/train.py`` builds when no ``model_fn`` is given."""
 
@@ -276,6 +283,8 @@ class TrainConfig(_Section):
     """Print progress every this many steps."""
     run_dir: str = "./runs/latest"
     """Where the event timeline (events.jsonl) and metrics are written."""
+    logging: LoggingConfig = LoggingConfig()
+    """Optional metrics sinks (TensorBoard)."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

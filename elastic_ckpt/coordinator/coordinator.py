@@ -42,6 +42,7 @@ from elastic_ckpt.coordinator.state import (
     Waiting,
     check_transition,
 )
+from elastic_ckpt.coordinator.telemetry import RunTelemetry
 from elastic_ckpt.coordinator.worker_group import GroupPoll, PlacementTimeout, WorkerGroup
 from elastic_ckpt.train import EvalMetrics, StepMetrics, TrainJob
 
@@ -85,6 +86,7 @@ class Coordinator:
                                  sink=_current_actor())
         self.timeline = Timeline(os.path.join(config.run_dir, "events.jsonl")
                                  if config.run_dir else None)
+        self.telemetry = RunTelemetry.from_config(config)
         self.record_samples = record_samples
         self.failures = 0
         self.history: dict[int, StepMetrics] = {}
@@ -127,6 +129,7 @@ class Coordinator:
                      f"{type(exc).__name__}: {exc}. Last committed checkpoint: "
                      f"{self._latest_uri()}.\n{traceback.format_exc().rstrip()}")
         finally:
+            self.telemetry.close()
             self.group.shutdown()
             self._request_resources(0)
         return CoordinatorResult(
@@ -207,6 +210,7 @@ class Coordinator:
                 return state
             state.event.message += " (superseded by a drain before its first step)"
             self.timeline.complete(state.event)
+            self.telemetry.scaling_event(state.event)
         if isinstance(decision, ResizeDecision):
             self.group.request_stop()
             return Resizing(decision, ScalingEvent(
@@ -252,6 +256,7 @@ class Coordinator:
         with self._lock:
             self._progress_failures.append(FailureNotice(
                 failure.kind.value, failure.message, self.last_step, retrying))
+        self.telemetry.failure(failure.kind.value, self.last_step, failure.message)
         if retrying:
             return Starting(event)
         if failure.kind is FailureKind.FATAL:
@@ -313,12 +318,14 @@ class Coordinator:
                 self._on_step(rank, payload)
             elif kind == "eval" and rank == 0:
                 self.eval_history[payload.step] = payload
+                self.telemetry.eval(payload)
                 with self._lock:
                     self._progress_evals.append(payload)
         if event is not None and "first_step" in event.phases:
             event.resumed_step = self.restored_step
             self._resumed_s = time.time()
             self.timeline.complete(event)
+            self.telemetry.scaling_event(event)
             with self._lock:
                 self._progress_events.append(event)
             return Running(None, state.started_s)
@@ -357,6 +364,8 @@ class Coordinator:
             return
         if name == "restore":
             self._on_restore(int(fields["step"]))
+        if name == "checkpoint":  # every committed save, pending event or not
+            self.telemetry.checkpoint(int(fields["step"]), fields["seconds"], fields["bytes"])
         if event is None:
             return
         key = {"restore": "load", "rendezvous": "rendezvous", "first_step": "first_step"}
@@ -378,6 +387,7 @@ class Coordinator:
         if rank == 0:
             self.history[m.step] = m
             self.last_step = max(self.last_step, m.step)
+            self.telemetry.step(m)
             with self._lock:
                 self._progress.append(m)
 

@@ -19,6 +19,7 @@ from elastic_ckpt.checkpoint import CheckpointInfo, CheckpointManager
 from elastic_ckpt.config import TrainConfig, validate_config
 from elastic_ckpt.coordinator import Coordinator, ScalingEvent
 from elastic_ckpt.coordinator.coordinator import Progress
+from elastic_ckpt.coordinator.telemetry import require_tensorboard
 from elastic_ckpt.data import ParquetDataset, SyntheticLMDataset
 from elastic_ckpt.errors import ConfigError, TrainingFailedError
 from elastic_ckpt.train import EvalMetrics, StepMetrics, TrainJob, TrainSpec
@@ -93,6 +94,8 @@ class ElasticTrainer:
         if eval_dataset is None and config.eval.dataset is not None:
             eval_dataset = dataset_from_config(config, config.eval.dataset)
         _check_eval(config, eval_dataset, eval_fn)
+        if config.logging.tensorboard:
+            require_tensorboard()  # a ConfigError here, not an actor death in fit()
         self.config = config
         spec = TrainSpec(model_fn=model_fn, loss_fn=loss_fn, parallelize_fn=parallelize_fn,
                          optimizer_fn=optimizer_fn, lr_scheduler_fn=lr_scheduler_fn,
