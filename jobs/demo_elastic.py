@@ -12,7 +12,8 @@ What it does:
 3. removes a node mid-run (a crash: training restarts at 1 worker from the last checkpoint);
 4. adds two nodes (capacity: training stops at a step boundary with a checkpoint and restarts at
    3 workers, losing nothing);
-5. prints the scaling timeline (each event's per-phase seconds) and shuts everything down.
+5. prints the scaling timeline (each event's per-phase seconds) and shuts everything down
+   (with ``--keep`` or ``--dir``, ``elastic-ckpt timeline RUN_DIR`` then draws it).
 
 The global batch, sample order and loss curve are the same as a run that never resized.
 """
@@ -165,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ntraining failed: {training.error}", file=sys.stderr)
             return 1
         print_timeline(training.result)
-        if args.keep:
-            print(f"Kept {workdir} (events: {os.path.join(config.run_dir, 'events.jsonl')})")
+        if args.keep or args.dir:
+            print(f"Kept {workdir} (events.jsonl and metrics.jsonl in {config.run_dir}); "
+                  f"draw the run: elastic-ckpt timeline {config.run_dir}")
         return 0
     finally:
         ray.shutdown()

@@ -18,7 +18,9 @@ detection), ``drain`` (stop request until every rank stopped, ``save`` included)
 ``placement`` (placement group ready), ``actors`` (worker actors up), ``rendezvous`` (process
 group), ``build`` (model construction + sharding), ``load`` (restore/re-shard on rank 0),
 ``first_step`` (the first step at the new size). ``total_s`` spans the event start to the
-coordinator seeing that first step."""
+coordinator seeing that first step. ``detect`` is measured before the event starts (it ends at
+``started_unix_s``) and ``save`` lies inside ``drain``; the other phases follow one another
+from ``started_unix_s`` in this order (``elastic-ckpt timeline`` draws them so)."""
 
 
 @dataclasses.dataclass
