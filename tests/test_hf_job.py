@@ -18,7 +18,7 @@ import torch
 
 from elastic_ckpt.checkpoint import open_weights
 from elastic_ckpt.cli.main import main as cli
-from test_job_submit import _processes_of, _stop_ray
+from ray_head import processes_of, stop_ray
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +39,8 @@ def test_main_job_trains_an_hf_llama_and_exports_it(tmp_path, capsys):
              *[arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
     finally:
-        leftover = _processes_of(temp_dir)
-        _stop_ray(temp_dir)
+        leftover = processes_of(temp_dir)
+        stop_ray(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
     out = job.stdout + job.stderr
     assert job.returncode == 0, out[-4000:]
