@@ -118,6 +118,7 @@ def elastic_run(eval_every: int = 25) -> RunWriter:
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()  # only the command's own output (a run before it prints too)
     code = main(["timeline", *(str(a) for a in argv)])
     out, err = capsys.readouterr()
     return code, out, err
@@ -426,9 +427,9 @@ def test_timeline_of_a_real_run(tmp_path, capsys):
     assert phases[0] == "placement" and phases.index("build") < phases.index("load")
     assert start["spans"][-1]["end_s"] <= start["total_s"] + 1e-3
     assert [n for _, n in view["world_size"]][:2] == [0, 1]
-    if view["has_metrics"]:  # metrics.jsonl: written by runs once the run-dir contract lands
-        s = view["summary"]
-        assert s["final_step"] == 12 and s["checkpoints"] >= 3 and s["failures"] == 0
+    assert view["has_metrics"]
+    s = view["summary"]
+    assert s["final_step"] == 12 and s["checkpoints"] >= 3 and s["failures"] == 0
     code, out, _ = run_cli(capsys, run_dir, "--out", tmp_path / "real.png")
     assert code == 0
     assert_png(tmp_path / "real.png")
