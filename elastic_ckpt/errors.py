@@ -63,6 +63,12 @@ class CheckpointSaveError(CheckpointError):
     """A save failed; the previous committed checkpoint is untouched."""
 
 
+class NotCheckpointableError(CheckpointSaveError, TypeError):
+    """A non-tensor value in the state is not JSON-able (bytes, ``BytesIO``, a set, an
+    arbitrary object): checkpoints store such values as JSON and never pickle. ``key`` names
+    it (the dotted path to the offending part)."""
+
+
 class WeightsError(CheckpointError):
     """Pretrained weights cannot be opened or read as asked: nothing recognizable at the URI,
     a tensor name that is not there, rows outside the tensor, or a file holding something

@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from elastic_ckpt.checkpoint import checksum
-from elastic_ckpt.errors import CheckpointCorruptError
+from elastic_ckpt.errors import CheckpointCorruptError, NotCheckpointableError
 
 FORMAT_NAME = "elastic_ckpt"
 FORMAT_VERSION = 1
@@ -30,6 +30,7 @@ CORRUPT_FILE = "CORRUPT"
 """Written (JSON: reason, time) into a committed checkpoint found corrupt by a load with
 ``fallback=True``; such a checkpoint is no longer listed or loaded, but kept for inspection."""
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_RANK_FILE = re.compile(r"^rank-(\d{5,})\.bin$")
 _DATA_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
 DTYPES: dict[str, torch.dtype] = {
@@ -54,6 +55,11 @@ def parse_step_dirname(name: str) -> int | None:
 
 def rank_filename(rank: int) -> str:
     return f"rank-{rank:05d}.bin"
+
+
+def parse_rank_filename(name: str) -> int | None:
+    m = _RANK_FILE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -248,11 +254,10 @@ def encode_json_value(value: Any, where: str = "value") -> Any:
             return {k: encode_json_value(v, f"{where}.{k}") for k, v in value.items()}
         return {_DICT: [[encode_json_value(k, where), encode_json_value(v, f"{where}.{k}")]
                         for k, v in value.items()]}
-    raise TypeError(
+    raise NotCheckpointableError(
         f"{where}: {type(value).__name__} is not checkpointable; checkpoints hold tensors and "
-        "JSON values (None, bool, int, float, str, list, tuple, dict). Convert it in "
-        "state_dict() or keep it out of the checkpoint."
-    )
+        "JSON values (None, bool, int, float, str, list, tuple, dict), and never pickle. "
+        "Convert it in state_dict() or keep it out of the checkpoint.", key=where)
 
 
 def decode_json_value(value: Any) -> Any:

@@ -14,7 +14,13 @@ import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint._traverse import set_element  # DCP's own helper
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    WriteItem,
+    WriteItemType,
+)
 from torch.distributed.tensor import DTensor
 
 from elastic_ckpt.checkpoint.manifest import dumps_value, loads_value
@@ -22,11 +28,18 @@ from elastic_ckpt.errors import CheckpointMismatchError
 
 
 class JsonSavePlanner(DefaultSavePlanner):
-    """Default save planning; non-tensor leaves are serialized as tagged JSON."""
+    """Default save planning; non-tensor leaves are serialized as tagged JSON. A leaf that is
+    not JSON-able raises ``NotCheckpointableError`` while planning, before any rank writes."""
 
     def __init__(self) -> None:
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True,
                          dedup_save_to_lowest_rank=False)
+
+    def create_local_plan(self) -> SavePlan:
+        for key, value in self.state_dict.items():
+            if not is_tensor_like(value):
+                dumps_value(value, str(key))
+        return super().create_local_plan()
 
     def transform_object(self, write_item: WriteItem, object: Any):
         if write_item.type == WriteItemType.BYTE_IO:
@@ -73,6 +86,12 @@ class JsonLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[fqn], decoded)
         else:
             self.state_dict[fqn] = decoded
+
+
+def is_tensor_like(value: Any) -> bool:
+    """Whether DCP saves ``value`` as tensor chunks (a tensor, DTensor, ShardedTensor or other
+    ``_Checkpointable``) rather than as one opaque object (``BYTE_IO``)."""
+    return isinstance(value, torch.Tensor) or hasattr(value, "__create_write_items__")
 
 
 def placements_of(value: Any) -> tuple[tuple[str, ...] | None, tuple[int, ...] | None,

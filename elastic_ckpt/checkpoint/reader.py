@@ -12,6 +12,8 @@ import dataclasses
 import io
 import json
 import math
+import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +23,7 @@ from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
+    StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
 )
@@ -34,8 +37,11 @@ from elastic_ckpt.checkpoint.manifest import (
     ChunkEntry,
     Manifest,
     TensorEntry,
+    decode_json_value,
     is_whole_rows,
 )
+from elastic_ckpt.checkpoint.planners import JsonLoadPlanner
+from elastic_ckpt.checkpoint.writer import as_storage, checkpoint_id_ok
 from elastic_ckpt.errors import CheckpointCorruptError, StorageError
 from elastic_ckpt.storage import Storage
 
@@ -170,27 +176,59 @@ class ChunkReader:
 
 
 class ShardReader(StorageReader):
-    """Reads one committed checkpoint directory; build a new one per load."""
+    """Reads one committed checkpoint directory: a drop-in for DCP's ``FileSystemReader``.
 
-    def __init__(self, directory: Storage, manifest: Manifest | None = None,
-                 num_threads: int = 4) -> None:
+    ```python
+    dcp.load(state_dict, storage_reader=ShardReader("s3://bucket/run/step-00000100"))
+    ```
+    ``path``: a local path, ``file://`` or ``pyarrow.fs`` URI (or a ``Storage``); a
+    ``checkpoint_id`` given to ``dcp.load`` replaces it (``reset``). A directory without
+    ``COMMITTED`` (a crashed or running save) or marked ``CORRUPT`` is refused. Works with
+    DCP's ``DefaultLoadPlanner`` and ``JsonLoadPlanner``: non-tensor leaves are stored as JSON
+    and decoded from it; for planners other than ``JsonLoadPlanner`` the decoded value is
+    handed over ``torch.save``d, which ``DefaultLoadPlanner.load_bytes`` expects (a pickle this
+    process makes of plain JSON values, never bytes from storage). ``_extension_registry`` is
+    accepted and ignored (the format has no stream transforms). Build a new reader per load
+    (or ``reset`` it).
+    """
+
+    def __init__(self, path: str | os.PathLike | Storage, manifest: Manifest | None = None,
+                 num_threads: int = 4, *, _extension_registry: Any = None) -> None:
         super().__init__()
-        self.directory = directory
+        self.directory = as_storage(path)
         self.manifest = manifest
         self.num_threads = num_threads
         self.stats = ReadStats()
+        self.load_id = uuid.uuid4().hex
 
-    def reset(self, checkpoint_id=None) -> None:
+    @property
+    def checkpoint_id(self) -> str:
+        return self.directory.uri
+
+    def reset(self, checkpoint_id: str | os.PathLike | Storage | None = None) -> None:
+        """As FileSystemReader's: a ``checkpoint_id`` replaces the directory (and forgets the
+        manifest read from the old one); every call starts a new load id."""
+        if checkpoint_id:
+            self.directory = as_storage(checkpoint_id)
+            self.manifest = None
         self.stats = ReadStats()
+        self.load_id = uuid.uuid4().hex
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+    # No **kwargs: DCP then never asks for rank-local metadata (one manifest serves all ranks).
+    def read_metadata(self, *args: Any) -> Metadata:
         if self.manifest is None:
-            self.manifest = read_manifest(self.directory)
-        return to_dcp_metadata(self.manifest)
+            # catalog imports this module (read_manifest); imported here to avoid the cycle.
+            from elastic_ckpt.checkpoint.catalog import open_checkpoint  # noqa: PLC0415
+
+            _, self.manifest = open_checkpoint(self.directory)
+        metadata = to_dcp_metadata(self.manifest)
+        metadata.storage_meta = StorageMeta(checkpoint_id=self.directory.uri,
+                                            load_id=self.load_id)
+        return metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kw):
         if self.manifest is None:
-            self.manifest = read_manifest(self.directory)
+            self.read_metadata()
         self._chunks = ChunkReader(self.directory, self.manifest)
         self._index = {(fqn, tuple(c.offsets)): c
                        for fqn, t in self.manifest.tensors.items() for c in t.chunks}
@@ -205,8 +243,8 @@ class ShardReader(StorageReader):
         tensor_items = []
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
-                text = _json_text(self.manifest.objects[item.storage_index.fqn])
-                planner.load_bytes(item, io.BytesIO(text))
+                stored = self.manifest.objects[item.storage_index.fqn]
+                planner.load_bytes(item, _object_bytes(stored, planner))
             else:
                 tensor_items.append((item, planner.resolve_tensor(item).detach()))
         # Sorted by file and offset so each file is read front to back.
@@ -250,9 +288,17 @@ class ShardReader(StorageReader):
         return nread, math.prod(lens) * entry.itemsize
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
-        return False
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return checkpoint_id_ok(checkpoint_id)
 
 
-def _json_text(value: Any) -> bytes:
-    return json.dumps(value).encode()
+def _object_bytes(stored: Any, planner: LoadPlanner) -> io.BytesIO:
+    """A stored non-tensor leaf (tagged JSON) as the bytes ``planner.load_bytes`` decodes:
+    JSON for ``JsonLoadPlanner``; otherwise ``torch.save`` of the decoded value, which DCP's
+    ``DefaultLoadPlanner`` ``torch.load``s (plain containers of JSON values, made here)."""
+    if isinstance(planner, JsonLoadPlanner):
+        return io.BytesIO(json.dumps(stored).encode())
+    buf = io.BytesIO()
+    torch.save(decode_json_value(stored), buf)
+    buf.seek(0)
+    return buf

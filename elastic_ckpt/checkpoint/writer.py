@@ -3,22 +3,25 @@
 Each rank streams its chunks as raw bytes into one file, ``rank-NNNNN.bin``, computing block
 checksums on the way, and fsyncs it. The coordinator rank then writes ``manifest.json``
 (atomically, durably) and only then the ``COMMITTED`` marker. A crash anywhere before the
-marker leaves debris that readers ignore.
+marker leaves debris that readers ignore. Non-tensor leaves go into the manifest as JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
-from torch.futures import Future
-from typing import Any, Callable
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
 
 from elastic_ckpt.checkpoint import checksum
 from elastic_ckpt.checkpoint.manifest import (
@@ -29,9 +32,13 @@ from elastic_ckpt.checkpoint.manifest import (
     Manifest,
     TensorEntry,
     dtype_name,
+    dumps_value,
+    parse_rank_filename,
+    parse_step_dirname,
     rank_filename,
 )
-from elastic_ckpt.checkpoint.planners import placements_of
+from elastic_ckpt.checkpoint.planners import is_tensor_like, placements_of
+from elastic_ckpt.errors import CheckpointSaveError, NotCheckpointableError
 from elastic_ckpt.storage import Storage
 
 PhaseCallback = Callable[[str], None]
@@ -67,49 +74,133 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 class ShardWriter(StorageWriter):
-    """Writes one checkpoint directory. Build a new one per save.
+    """Writes one checkpoint directory: a drop-in for DCP's ``FileSystemWriter``.
 
-    ``step``, ``world_size`` and ``extra`` go into the manifest; ``on_phase`` observes the
-    commit protocol (see ``PhaseCallback``).
+    ```python
+    dcp.save(state_dict, storage_writer=ShardWriter("s3://bucket/run/step-00000100"))
+    ```
+    ``path`` is a local path, a ``file://`` or any ``pyarrow.fs`` URI (or a ``Storage``); a
+    ``checkpoint_id`` given to ``dcp.save`` replaces it (``reset``). The directory gets the
+    format and commit protocol ``CheckpointManager`` uses, so one written here loads through
+    ``CheckpointManager``/``ShardReader`` and vice versa. Works with DCP's default planners and
+    with ``JsonSavePlanner``: non-tensor leaves are stored as JSON, never pickled, whichever
+    planner asked; a leaf that is not JSON-able raises ``NotCheckpointableError`` naming it.
+
+    ``overwrite=False`` refuses a directory that holds a committed checkpoint;
+    ``overwrite=True`` (FileSystemWriter's default) first removes its ``COMMITTED`` marker, so
+    a save that dies part-way leaves debris, never a committed checkpoint whose data does not
+    match its manifest. Any failed rewrite, a refused leaf under DCP's default planners
+    included, therefore loses the old checkpoint; ``JsonSavePlanner`` refuses leaves before
+    anything is touched.
+
+    FileSystemWriter's other options are accepted and ignored: ``single_file_per_rank`` (one
+    file per rank, always), ``thread_count`` and ``per_thread_copy_ahead`` (each rank writes its
+    file sequentially), ``sync_files`` (always fsynced: the commit protocol needs it),
+    ``cache_staged_state_dict``, ``serialization_format`` (raw tensor bytes, JSON for the
+    rest). ``_extensions`` (stream transforms such as compression) are not supported; a
+    non-empty list is refused rather than silently skipped.
+
+    ``step`` (default: from a ``step-NNNNNNNN`` directory name, else 0), ``extra`` and
+    ``block_size_bytes`` go into the manifest; ``on_phase`` observes the commit protocol (see
+    ``PhaseCallback``). Build a new writer per save (or ``reset`` it).
     """
 
     def __init__(
         self,
-        directory: Storage,
+        path: str | os.PathLike | Storage,
         *,
-        step: int,
+        overwrite: bool = True,
+        step: int | None = None,
         extra: dict[str, Any] | None = None,
         block_size_bytes: int = 1 << 15,
         on_phase: PhaseCallback | None = None,
         process_group: dist.ProcessGroup | None = None,
+        single_file_per_rank: bool = True,
+        sync_files: bool = True,
+        thread_count: int = 1,
+        per_thread_copy_ahead: int = 10_000_000,
+        cache_staged_state_dict: bool = False,
+        serialization_format: Any = None,
+        _extensions: Sequence[Any] | None = None,
     ) -> None:
         super().__init__()
-        self.directory = directory
-        self.step = step
+        if _extensions:
+            raise ValueError(
+                "ShardWriter does not support FileSystemWriter's _extensions (stream "
+                "transforms); the format stores raw tensor bytes with block checksums")
+        self.directory = as_storage(path)
+        self.overwrite = overwrite
+        self._step = step
+        self.step = step if step is not None else step_of(self.directory)
         self.extra = extra or {}
         self.block_size = block_size_bytes
         self.on_phase = on_phase or (lambda phase: None)
         self.process_group = process_group
         self.rank = 0
+        self.is_coordinator = False
+        self.save_id = uuid.uuid4().hex
+        # FileSystemWriter's options, accepted for drop-in use; see the class docstring.
+        self.ignored_options = {
+            "single_file_per_rank": single_file_per_rank, "sync_files": sync_files,
+            "thread_count": thread_count, "per_thread_copy_ahead": per_thread_copy_ahead,
+            "cache_staged_state_dict": cache_staged_state_dict,
+            "serialization_format": serialization_format,
+        }
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.directory.uri
 
     # -- StorageWriter protocol --------------------------------------------------------------
-    def reset(self, checkpoint_id=None) -> None:
-        pass
+    def reset(self, checkpoint_id: str | os.PathLike | Storage | None = None) -> None:
+        """As FileSystemWriter's: a ``checkpoint_id`` (a path or URI) replaces the directory;
+        every call starts a new save id."""
+        if checkpoint_id:
+            self.directory = as_storage(checkpoint_id)
+            if self._step is None:
+                self.step = step_of(self.directory)
+        self.save_id = uuid.uuid4().hex
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
-        self.rank = dist.get_rank(self.process_group) if dist.is_initialized() else 0
+        if not kwargs.get("use_collectives", True):
+            raise CheckpointSaveError(
+                "ShardWriter needs dcp.save(use_collectives=True): an elastic_ckpt checkpoint "
+                "has one manifest for all ranks, written once every rank's data is durable",
+                path=self.directory.uri)
+        rank = kwargs.get("rank")
+        if rank is None:
+            rank = dist.get_rank(self.process_group) if dist.is_initialized() else 0
+        self.rank = rank
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        """Every rank, before any rank writes: make the directory, honour ``overwrite``."""
+        self.directory.makedirs()
+        if not self.overwrite and self.directory.exists(COMMITTED_FILE):
+            raise CheckpointSaveError(
+                f"{self.directory.uri} holds a committed checkpoint and overwrite=False; "
+                "save somewhere else, or pass overwrite=True to replace it",
+                path=self.directory.uri)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Coordinator only, after every rank planned and before any rank writes: un-commit
+        the directory (a rewrite cut short must not leave it committed) and drop the data
+        files of ranks this save does not have (a rewrite by fewer ranks)."""
+        if self.directory.exists(COMMITTED_FILE):
+            self.directory.remove(COMMITTED_FILE)
+        for name, is_dir in self.directory.listdir():
+            rank = parse_rank_filename(name)
+            if not is_dir and rank is not None and rank >= len(plans):
+                self.directory.remove(name)
         return plans
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        # Every non-tensor leaf is encoded (or refused) before this rank's file is opened.
+        objects = json_objects(plan, planner)
         results: list[WriteResult] = []
         name = rank_filename(self.rank)
-        flat_state = getattr(planner, "state_dict", {})
+        flat_state = getattr(planner, "state_dict", None) or {}
         tensor_items = [i for i in plan.items if i.type != WriteItemType.BYTE_IO]
         with self.directory.open_write(name) as out:
             for item in tensor_items:
@@ -127,11 +218,9 @@ class ShardWriter(StorageWriter):
                 )
                 results.append(WriteResult(index=item.index, size_in_bytes=len(data),
                                            storage_data=written))
-        for item in plan.items:
-            if item.type == WriteItemType.BYTE_IO:
-                text = planner.resolve_data(item).getvalue().decode()
-                results.append(WriteResult(index=item.index, size_in_bytes=len(text),
-                                           storage_data=_Object(text)))
+        for index, text in objects.items():
+            results.append(WriteResult(index=index, size_in_bytes=len(text),
+                                       storage_data=_Object(text)))
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -139,21 +228,23 @@ class ShardWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator only, after every rank's data is durable: manifest, then marker."""
         self.on_phase("data_written")
-        manifest = self._build_manifest(metadata, [r for rs in results for r in rs])
+        manifest = self._build_manifest(metadata, [r for rs in results for r in rs],
+                                        world_size=len(results))
         self.directory.write_atomic(MANIFEST_FILE, manifest.to_json())
         self.on_phase("manifest_written")
         self.directory.write_atomic(COMMITTED_FILE, b"")
         self.on_phase("committed")
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=self.directory.uri)
+        return StorageMeta(checkpoint_id=self.directory.uri, save_id=self.save_id)
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
-        return False
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return checkpoint_id_ok(checkpoint_id)
 
     # -- manifest ----------------------------------------------------------------------------
-    def _build_manifest(self, metadata: Metadata, results: list[WriteResult]) -> Manifest:
+    def _build_manifest(self, metadata: Metadata, results: list[WriteResult],
+                        world_size: int) -> Manifest:
         by_index: dict[MetadataIndex, Any] = {r.index: r.storage_data for r in results}
         tensors: dict[str, TensorEntry] = {}
         objects: dict[str, Any] = {}
@@ -178,7 +269,6 @@ class ShardWriter(StorageWriter):
             tensors[fqn] = TensorEntry(dtype=dtype_name(md.properties.dtype),
                                        shape=tuple(md.size), placements=placements,
                                        chunks=chunks)
-        world_size = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
         return Manifest(
             format_version=FORMAT_VERSION,
             step=self.step,
@@ -193,6 +283,81 @@ class ShardWriter(StorageWriter):
             flatten_mappings={k: tuple(v) for k, v in (metadata.planner_data or {}).items()},
             extra=self.extra,
         )
+
+
+def as_storage(path: str | os.PathLike | Storage) -> Storage:
+    """A checkpoint location as DCP users give it (path, ``file://`` or ``pyarrow.fs`` URI)."""
+    if isinstance(path, Storage):
+        return path
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"checkpoint location must be a path or URI string, got {path!r}")
+    return Storage(path)
+
+
+def step_of(directory: Storage) -> int:
+    """The step a ``step-NNNNNNNN`` directory is named for (what ``CheckpointManager``
+    requires its manifest to say); 0 for any other name."""
+    step = parse_step_dirname(directory.root.rstrip("/").rsplit("/", 1)[-1])
+    return 0 if step is None else step
+
+
+_URI_SCHEMES = frozenset({"s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"})
+
+
+def checkpoint_id_ok(checkpoint_id: Any) -> bool:
+    """FileSystemWriter's rule (a ``Path``; a path with an existing writable parent) for local
+    locations, plus any URI whose scheme ``pyarrow.fs`` opens (checked without connecting)."""
+    if isinstance(checkpoint_id, Path):
+        return True
+    if isinstance(checkpoint_id, Storage):
+        return True
+    if not isinstance(checkpoint_id, (str, os.PathLike)):
+        return False
+    text = os.fspath(checkpoint_id)
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        if scheme != "file":
+            return scheme in _URI_SCHEMES
+        text = rest
+    return any(p.exists() and os.access(p, os.W_OK) for p in Path(text).parents)
+
+
+def json_objects(plan: SavePlan, planner: SavePlanner) -> dict[MetadataIndex, str]:
+    """The JSON text of every non-tensor leaf this rank writes, by index. Taken from the
+    planner's state dict (never from the bytes ``resolve_data`` gives: DCP's default planners
+    ``torch.save`` them). Every non-tensor leaf this rank holds is checked, also those that
+    deduplication gave to another rank, so a refused leaf raises on every rank holding it."""
+    state = getattr(planner, "state_dict", None)
+    if isinstance(state, Mapping):
+        for key, value in state.items():
+            if not is_tensor_like(value):
+                dumps_value(value, str(key))
+    out = {}
+    for item in plan.items:
+        if item.type == WriteItemType.BYTE_IO:
+            out[item.index] = _object_json(item, planner)
+    return out
+
+
+def _object_json(item: WriteItem, planner: SavePlanner) -> str:
+    fqn = item.index.fqn
+    lookup = getattr(planner, "lookup_object", None)
+    if lookup is not None:  # DefaultSavePlanner and its subclasses (ours included)
+        return dumps_value(lookup(item.index), fqn).decode()
+    data = planner.resolve_data(item)
+    raw = data.getvalue() if hasattr(data, "getvalue") else bytes(data.read())
+    try:
+        text = raw.decode()
+        json.loads(text)
+    except ValueError:  # UnicodeDecodeError included
+        raise NotCheckpointableError(
+            f"{fqn}: {type(planner).__name__} serialized this non-tensor value as "
+            f"{len(raw)} bytes that are not JSON (a torch.save pickle?); elastic_ckpt stores "
+            "non-tensor values as JSON only. Use a planner derived from DefaultSavePlanner "
+            "or elastic_ckpt's JsonSavePlanner.", key=fqn) from None
+    return text
 
 
 def _version() -> str:

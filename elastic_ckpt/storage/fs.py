@@ -150,10 +150,11 @@ class Storage:
             raise self._error("delete", name, exc) from exc
 
     def remove(self, name: str) -> None:
-        """Delete one file; absent is fine."""
+        """Delete one file, durably (local: the directory is fsynced); absent is fine."""
         try:
             if self.is_local:
                 os.remove(self.path(name))
+                _fsync_dir(os.path.dirname(self.path(name)))
             else:
                 self.fs.delete_file(self.path(name))
         except FileNotFoundError:
