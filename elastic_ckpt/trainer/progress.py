@@ -142,7 +142,7 @@ class ProgressPrinter:
         eta = "?"  # from the driver's clock since the last event (checkpoints included)
         if m.step >= self.max_steps:
             eta = tqdm.format_interval(0)
-        elif m.step > step0 and now > t0:
+        elif m.step > step0 and now - t0 >= 1.0:  # steps that arrived together say nothing
             eta = tqdm.format_interval((self.max_steps - m.step) * (now - t0) / (m.step - step0))
         postfix = f"loss {m.loss:.4f}  {tokens:,.0f} tok/s  world {m.world_size}  ETA {eta}"
         if self._bar is None:
