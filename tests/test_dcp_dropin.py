@@ -33,14 +33,10 @@ from torch.distributed.checkpoint import (
 )
 from torch.distributed.checkpoint.api import CheckpointException
 
-from elastic_ckpt.checkpoint import CheckpointManager, ShardReader, ShardWriter
+from elastic_ckpt.checkpoint import CheckpointManager, ShardReader, ShardWriter, verify
 from elastic_ckpt.checkpoint.manifest import Manifest, encode_json_value
 from elastic_ckpt.checkpoint.planners import JsonLoadPlanner, JsonSavePlanner
-from elastic_ckpt.errors import (
-    CheckpointNotCommittedError,
-    CheckpointSaveError,
-    NotCheckpointableError,
-)
+from elastic_ckpt.errors import CheckpointSaveError, NotCheckpointableError
 from elastic_ckpt.train.local import run_ranks
 
 pytestmark = [
@@ -536,7 +532,7 @@ def rewrite_and_die(path: str) -> None:
 
 
 @pytest.mark.fault
-def test_save_killed_between_truncate_and_commit_is_never_committed(tmp_path) -> None:
+def test_rewrite_killed_mid_write_leaves_the_old_checkpoint_committed(tmp_path) -> None:
     dcp.save({"app": plain_state(1.0)}, storage_writer=ShardWriter(tmp_path / "step-00000001"))
     step2 = tmp_path / "step-00000002"
     dcp.save({"app": plain_state(2.0)}, storage_writer=ShardWriter(step2))
@@ -548,18 +544,35 @@ def test_save_killed_between_truncate_and_commit_is_never_committed(tmp_path) ->
         proc.kill()
         proc.join()
     assert proc.exitcode == KILLED
-    new = (step2 / "rank-00000.bin").read_bytes()
-    assert 0 < len(new) < len(old) and new != old[: len(new)]  # truncated, partly rewritten
-    assert (step2 / "manifest.json").exists() and not (step2 / "COMMITTED").exists()
+    (aside,) = [p for p in step2.iterdir() if p.name.endswith(".tmp")]
+    assert aside.name.startswith("rank-00000.bin.") and 0 < aside.stat().st_size < len(old)
+    # The committed checkpoint was never touched: still committed, its data whole.
+    assert (step2 / "rank-00000.bin").read_bytes() == old and (step2 / "COMMITTED").exists()
     mgr = CheckpointManager(str(tmp_path))
-    assert mgr.latest().step == 1 and [i.step for i in mgr.list()] == [1]
-    with pytest.raises(CheckpointException, match="no COMMITTED marker"):
-        dcp.load({"app": blank_state()}, storage_reader=ShardReader(step2))
-    with pytest.raises(CheckpointNotCommittedError):
-        ShardReader(step2).read_metadata()
+    assert [i.step for i in mgr.list()] == [1, 2]
     out = {"app": blank_state()}
-    mgr.load(out)
-    assert same(out["app"], plain_state(1.0))
+    dcp.load(out, storage_reader=ShardReader(step2))
+    assert same(out["app"], plain_state(2.0))
+    verify(str(step2))
+    # The next rewrite removes the debris and commits its own data.
+    dcp.save({"app": plain_state(3.0)}, storage_writer=ShardWriter(step2, overwrite=True))
+    assert sorted(p.name for p in step2.iterdir()) == ["COMMITTED", "manifest.json",
+                                                       "rank-00000.bin"]
+    out = {"app": blank_state()}
+    dcp.load(out, storage_reader=ShardReader(step2))
+    assert same(out["app"], plain_state(3.0))
+
+
+def test_refused_leaf_in_a_rewrite_keeps_the_old_checkpoint(tmp_path) -> None:
+    path = tmp_path / "ckpt"
+    dcp.save(plain_state(1.0), storage_writer=ShardWriter(path))
+    bad = {**plain_state(2.0), "blob": b"raw bytes"}
+    with pytest.raises(CheckpointException, match="blob"):  # DCP's default planner
+        dcp.save(bad, storage_writer=ShardWriter(path, overwrite=True))
+    assert (path / "COMMITTED").exists()
+    out = blank_state()
+    dcp.load(out, storage_reader=ShardReader(path))
+    assert same(out, plain_state(1.0))
 
 
 # -- object store -----------------------------------------------------------------------------
@@ -591,6 +604,12 @@ def test_s3_uri_save_overwrite_guard_and_load(s3_query) -> None:
     dcp.load(out, storage_reader=ShardReader(uri))
     assert same(out, plain_state(4.0))
     assert CheckpointManager(f"s3://dropin/run?{s3_query}").latest().step == 4
+    # A rewrite on an object store: written aside, then moved in (a copy and a delete).
+    dcp.save(plain_state(6.0), storage_writer=ShardWriter(uri, overwrite=True))
+    out = blank_state()
+    dcp.load(out, storage_reader=ShardReader(uri))
+    assert same(out, plain_state(6.0))
+    verify(uri)
 
 
 def test_errors_pickle_with_their_key() -> None:

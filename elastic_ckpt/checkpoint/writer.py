@@ -87,11 +87,12 @@ class ShardWriter(StorageWriter):
     planner asked; a leaf that is not JSON-able raises ``NotCheckpointableError`` naming it.
 
     ``overwrite=False`` refuses a directory that holds a committed checkpoint;
-    ``overwrite=True`` (FileSystemWriter's default) first removes its ``COMMITTED`` marker, so
-    a save that dies part-way leaves debris, never a committed checkpoint whose data does not
-    match its manifest. Any failed rewrite, a refused leaf under DCP's default planners
-    included, therefore loses the old checkpoint; ``JsonSavePlanner`` refuses leaves before
-    anything is touched.
+    ``overwrite=True`` (FileSystemWriter's default) rewrites it without ever exposing a
+    committed checkpoint whose data does not match its manifest: every rank writes its file
+    aside, and only once all are durable the coordinator un-commits the directory, swaps the
+    files in (a rename; a copy on object stores), writes the manifest and commits. A rewrite
+    that fails or dies before that (a refused leaf, a crash mid-write) leaves the old
+    checkpoint committed and whole; one that dies during the swap leaves debris.
 
     FileSystemWriter's other options are accepted and ignored: ``single_file_per_rank`` (one
     file per rank, always), ``thread_count`` and ``per_thread_copy_ahead`` (each rank writes its
@@ -139,6 +140,7 @@ class ShardWriter(StorageWriter):
         self.rank = 0
         self.is_coordinator = False
         self.save_id = uuid.uuid4().hex
+        self._aside: str | None = None  # the coordinator's: rank files written aside
         # FileSystemWriter's options, accepted for drop-in use; see the class docstring.
         self.ignored_options = {
             "single_file_per_rank": single_file_per_rank, "sync_files": sync_files,
@@ -184,25 +186,26 @@ class ShardWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        """Coordinator only, after every rank planned and before any rank writes: un-commit
-        the directory (a rewrite cut short must not leave it committed) and drop the data
-        files of ranks this save does not have (a rewrite by fewer ranks)."""
-        if self.directory.exists(COMMITTED_FILE):
-            self.directory.remove(COMMITTED_FILE)
+        """Coordinator only, after every rank planned and before any rank writes. Rewriting a
+        committed checkpoint: every rank writes its file aside (``rank-N.bin.<save id>.tmp``)
+        and ``finish`` swaps them in, so the committed checkpoint stays whole and committed
+        until the new data is durable (a refused leaf or a crash before then costs nothing);
+        stale files set aside by an earlier rewrite that died are removed."""
         for name, is_dir in self.directory.listdir():
-            rank = parse_rank_filename(name)
-            if not is_dir and rank is not None and rank >= len(plans):
+            if not is_dir and name.endswith(_ASIDE_SUFFIX) and name.startswith("rank-"):
                 self.directory.remove(name)
-        return plans
+        self._aside = self.save_id if self.directory.exists(COMMITTED_FILE) else None
+        return [dataclasses.replace(plan, storage_data=self._aside) for plan in plans]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         # Every non-tensor leaf is encoded (or refused) before this rank's file is opened.
         objects = json_objects(plan, planner)
         results: list[WriteResult] = []
         name = rank_filename(self.rank)
+        target = name if not plan.storage_data else aside_name(name, plan.storage_data)
         flat_state = getattr(planner, "state_dict", None) or {}
         tensor_items = [i for i in plan.items if i.type != WriteItemType.BYTE_IO]
-        with self.directory.open_write(name) as out:
+        with self.directory.open_write(target) as out:
             for item in tensor_items:
                 tensor = planner.resolve_data(item)
                 if tensor.device.type != "cpu":
@@ -226,10 +229,24 @@ class ShardWriter(StorageWriter):
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        """Coordinator only, after every rank's data is durable: manifest, then marker."""
+        """Coordinator only, after every rank's data is durable: (for a rewrite: un-commit,
+        swap the new rank files in), drop rank files of ranks this save does not have, then
+        the manifest, then the marker. A crash in between leaves an uncommitted directory."""
         self.on_phase("data_written")
         manifest = self._build_manifest(metadata, [r for rs in results for r in rs],
                                         world_size=len(results))
+        if self._aside is not None:
+            self.directory.remove(COMMITTED_FILE)
+            for rank in range(len(results)):
+                final = rank_filename(rank)
+                if self.directory.exists(aside_name(final, self._aside)):
+                    self.directory.move(aside_name(final, self._aside), final)
+                else:  # this rank wrote nothing: no stale data may stay under its name
+                    self.directory.remove(final)
+        for name, is_dir in self.directory.listdir():
+            rank = parse_rank_filename(name)
+            if not is_dir and rank is not None and rank >= len(results):
+                self.directory.remove(name)
         self.directory.write_atomic(MANIFEST_FILE, manifest.to_json())
         self.on_phase("manifest_written")
         self.directory.write_atomic(COMMITTED_FILE, b"")
@@ -283,6 +300,14 @@ class ShardWriter(StorageWriter):
             flatten_mappings={k: tuple(v) for k, v in (metadata.planner_data or {}).items()},
             extra=self.extra,
         )
+
+
+_ASIDE_SUFFIX = ".tmp"
+
+
+def aside_name(name: str, save_id: str) -> str:
+    """Where a rewrite of a committed checkpoint writes ``name`` until ``finish``."""
+    return f"{name}.{save_id}{_ASIDE_SUFFIX}"
 
 
 def as_storage(path: str | os.PathLike | Storage) -> Storage:

@@ -162,6 +162,18 @@ class Storage:
         except OSError as exc:
             raise self._error("delete", name, exc) from exc
 
+    def move(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst`` (replacing it). Local: ``os.replace`` plus a directory
+        fsync; object stores: the filesystem's move (a copy then a delete)."""
+        try:
+            if self.is_local:
+                os.replace(self.path(src), self.path(dst))
+                _fsync_dir(os.path.dirname(self.path(dst)))
+            else:
+                self.fs.move(self.path(src), self.path(dst))
+        except OSError as exc:
+            raise self._error("move", src, exc) from exc
+
     def write_atomic(self, name: str, data: bytes) -> None:
         """Write ``data`` so readers see either nothing or all of it, durably.
 
