@@ -159,7 +159,10 @@ class ElasticTrainer:
     def _coordinator_lost(self, exc: BaseException) -> str:
         """The error text when the coordinator actor itself is gone (cancelled, killed, its
         node or the cluster shut down), which no retry inside the run can cover."""
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        text = str(exc).strip()
+        first = (text.splitlines() or [type(exc).__name__])[0]
+        if "creation task" in text:  # Coordinator(...) itself raised: that error is the story
+            return (f"the run's coordinator could not be created on this node: {text}")
         try:
             latest = CheckpointManager(self.config.checkpoint.uri).latest()
             last = latest.uri if latest else f"none in {self.config.checkpoint.uri}"
