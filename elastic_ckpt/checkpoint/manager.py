@@ -4,6 +4,8 @@
 mgr = CheckpointManager(uri, keep_last=3)
 info = mgr.save(step, {"app": AppState(model, optimizer), "extra": {"cursor": 7}})  # collective
 info = mgr.load({"app": AppState(model, optimizer)})                               # collective
+handle = mgr.async_save(step, state)  # collective; returns once staged to host memory
+info = handle.result()                # once committed (re-raises a background failure)
 ```
 Top-level entries of the state that are ``Stateful`` or hold tensors go through DCP with this
 package's storage writer/reader; the other top-level entries must be JSON-able and are stored
@@ -12,9 +14,11 @@ in the manifest (``CheckpointInfo.extra``; dicts passed to ``load`` are also upd
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import time
+import uuid
 from typing import Any, Callable
 
 import torch
@@ -23,6 +27,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from elastic_ckpt.checkpoint.async_save import (
+    HostStager,
+    PersistJob,
+    SaveHandle,
+    StagingWriter,
+    run_persist,
+)
 from elastic_ckpt.checkpoint.catalog import Catalog, CheckpointInfo
 from elastic_ckpt.checkpoint.manifest import (
     COMMITTED_FILE,
@@ -72,6 +83,7 @@ class CheckpointManager:
         read_threads: int = 4,
         process_group: dist.ProcessGroup | None = None,
         on_phase: PhaseCallback | None = None,
+        persist_timeout_s: float = 1800.0,
     ) -> None:
         validate_retention(keep_last, keep_every)
         self.root = Storage(uri)
@@ -87,6 +99,31 @@ class CheckpointManager:
         self.last_skipped: list[tuple[int, str]] = []
         """``(step, error)`` of each corrupt checkpoint the last ``load(fallback=True)``
         skipped (and marked CORRUPT), newest first."""
+        self.persist_timeout_s = persist_timeout_s
+        """How long an async save's background thread waits for its peers' markers."""
+        self.last_waited_s = 0.0
+        """Seconds the last ``save``/``async_save`` waited for the previous async save."""
+        self._stager = HostStager()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._in_flight: SaveHandle | None = None
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory this rank holds for async-save staging (one copy of its state)."""
+        return self._stager.nbytes
+
+    @property
+    def staging_buffers(self) -> int:
+        return len(self._stager.buffers)
+
+    def wait(self, timeout: float | None = None) -> SaveHandle | None:
+        """Wait for the async save in flight, if any (its failure stays on its handle)."""
+        handle = self._in_flight
+        if handle is not None:
+            concurrent.futures.wait([handle._future], timeout=timeout)
+            if handle.done():
+                self._in_flight = None
+        return handle
 
     # -- queries (local) ---------------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
@@ -118,10 +155,11 @@ class CheckpointManager:
         """Write ``state`` as checkpoint ``step`` and commit it; then apply retention.
 
         Collective. Returns once the checkpoint is committed (manifest and marker durable).
-        Raises ``CheckpointSaveError`` if ``step`` is already committed.
+        Raises ``CheckpointSaveError`` if ``step`` is already committed. Waits first for an
+        async save in flight (``last_waited_s``).
         """
-        if not isinstance(step, int) or step < 0:
-            raise CheckpointSaveError(f"step must be a non-negative int, got {step!r}")
+        self._check_step(step)
+        self.last_waited_s = self._wait_previous()
         dcp_state, extra = _split_state(state)
         name = step_dirname(step)
         failure = None
@@ -142,6 +180,66 @@ class CheckpointManager:
         if self._rank() == 0:
             self._apply_retention(in_progress=frozenset())
         # dcp.save hands every rank the global metadata, so no extra collective is needed.
+        return self._info(step, name, metadata, extra)
+
+    def async_save(self, step: int, state: dict[str, Any]) -> SaveHandle:
+        """Stage ``state`` as checkpoint ``step`` into host memory and return; writing,
+        fsync, manifest, ``COMMITTED`` and retention run on this manager's background thread.
+
+        Collective, like ``save``: DCP's planning runs here, on the training process group,
+        and every tensor this rank writes is copied into reused host buffers (pinned for CUDA
+        sources), so the caller may change its parameters as soon as this returns. At most one
+        save is in flight: this first waits for the previous one (``SaveHandle.waited_s``).
+        The background thread coordinates the commit through storage markers, never a process
+        group (see ``elastic_ckpt.checkpoint.async_save``). Errors found before returning
+        (step already committed, a leaf that is not JSON-able) raise here, on every rank.
+        """
+        self._check_step(step)
+        waited = self.last_waited_s = self._wait_previous()
+        start = time.perf_counter()
+        dcp_state, extra = _split_state(state)
+        name = step_dirname(step)
+        failure, token = None, uuid.uuid4().hex
+        if self._rank() == 0:
+            try:
+                self._prepare_directory(step, name)
+            except Exception as exc:  # every rank must raise, or the others block in dcp.save
+                failure = exc
+        failure, token = self._broadcast((failure, token))
+        if failure is not None:
+            raise failure
+        writer = StagingWriter(self.root.child(name), self._stager, step=step, extra=extra,
+                               block_size_bytes=self.block_size_bytes,
+                               process_group=self.process_group)
+        metadata = self._run_dcp(lambda: dcp.save(dcp_state, storage_writer=writer,
+                                                  planner=JsonSavePlanner(),
+                                                  process_group=self.process_group))
+        writer.metadata = metadata
+        job = PersistJob(writer=writer, rank=self._rank(), world_size=self._world_size(),
+                         token=token, info=self._info(step, name, metadata, extra),
+                         timeout_s=self.persist_timeout_s,
+                         on_phase=self.on_phase or (lambda phase: None),
+                         after_commit=lambda: self._apply_retention(in_progress=frozenset()))
+        handle = SaveHandle(step, concurrent.futures.Future(),
+                            staged_s=time.perf_counter() - start, waited_s=waited,
+                            staged_bytes=writer.staged_bytes)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="elastic-ckpt-persist")
+        self._in_flight = handle
+        self._executor.submit(run_persist, job, handle)
+        return handle
+
+    def _check_step(self, step: int) -> None:
+        if not isinstance(step, int) or step < 0:
+            raise CheckpointSaveError(f"step must be a non-negative int, got {step!r}")
+
+    def _wait_previous(self) -> float:
+        start = time.perf_counter()
+        self.wait()
+        return time.perf_counter() - start
+
+    def _info(self, step: int, name: str, metadata: Any, extra: dict) -> CheckpointInfo:
         tensors = {k: md for k, md in metadata.state_dict_metadata.items() if hasattr(md, "chunks")}
         total = sum(math.prod(c.sizes) * md.properties.dtype.itemsize
                     for md in tensors.values() for c in md.chunks)

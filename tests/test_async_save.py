@@ -1,0 +1,279 @@
+"""``CheckpointManager.async_save``: staged snapshot, background persist + commit, one save in
+flight, typed background failures, rank death before the data is durable, staging reuse."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ckpt_models as cm
+from elastic_ckpt import AppState, CheckpointManager, verify
+from elastic_ckpt.checkpoint.manifest import step_dirname
+from elastic_ckpt.errors import CheckpointSaveError
+from elastic_ckpt.storage import fs as storage_fs
+from elastic_ckpt.train.local import run_ranks, spawn_ranks
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def trained(step: int) -> tuple[Any, Any]:
+    model, opt = cm.build(seed=step)
+    cm.train(model, opt, range(step, step + 1))
+    return model, opt
+
+
+def state_of(model, opt, step: int) -> dict[str, Any]:
+    return {"app": AppState(model, opt), "extra": {"step": step}}
+
+
+def bump(model) -> None:
+    """Change every parameter in place, as the next optimizer step would."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+
+def load_full(root: str, step: int | None = None) -> tuple[dict[str, Any], Any]:
+    model, opt = cm.build(seed=999)
+    cm.train(model, opt, range(70, 71))  # the target has (different) optimizer state
+    info = CheckpointManager(root).load({"app": AppState(model, opt)}, step=step)
+    return cm.full_state(model, opt), info
+
+
+def enospc(*args: Any, **kwargs: Any) -> int:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def slow_close(seconds: float):
+    original = storage_fs._LocalWriter.close
+
+    def close(self, durable: bool) -> None:
+        time.sleep(seconds)
+        original(self, durable)
+
+    return close
+
+
+# -- single process ---------------------------------------------------------------------------
+def test_round_trip_and_snapshot(tmp_path) -> None:
+    root = str(tmp_path)
+    mgr = CheckpointManager(root)
+    model, opt = trained(1)
+    expected = cm.full_state(model, opt)
+    handle = mgr.async_save(1, state_of(model, opt, 1))
+    bump(model)  # right after async_save returned: the staged copy is the snapshot
+    info = handle.result(timeout=60)
+    assert handle.done() and info.step == 1 and info.extra == {"extra": {"step": 1}}
+    assert handle.staged_s > 0 and handle.persist_s > 0 and handle.waited_s >= 0
+    assert handle.staged_bytes == info.total_bytes == mgr.staging_bytes
+    state, loaded = load_full(root)
+    assert loaded.step == 1
+    cm.assert_same(expected, state)
+    verify(info.uri)
+    assert sorted(os.listdir(tmp_path / step_dirname(1))) == [
+        "COMMITTED", "manifest.json", "rank-00000.bin"]
+
+
+def test_back_to_back_saves_serialize(tmp_path, monkeypatch) -> None:
+    root = str(tmp_path)
+    mgr = CheckpointManager(root, keep_last=None)
+    monkeypatch.setattr(storage_fs._LocalWriter, "close", slow_close(0.4))
+    model, opt = trained(1)
+    first_state = cm.full_state(model, opt)
+    first = mgr.async_save(1, state_of(model, opt, 1))
+    bump(model)
+    second = mgr.async_save(2, state_of(model, opt, 2))
+    assert first.done(), "the second save must wait for the first"
+    assert second.waited_s >= 0.2, second.waited_s
+    second_state = cm.full_state(model, opt)
+    mgr.save(3, state_of(model, opt, 3))  # a sync save also waits for the one in flight
+    assert second.done() and mgr.last_waited_s > 0
+    assert [i.step for i in mgr.list()] == [1, 2, 3]
+    cm.assert_same(first_state, load_full(root, 1)[0])
+    cm.assert_same(second_state, load_full(root, 2)[0])
+
+
+def test_background_enospc_is_typed_and_later_saves_succeed(tmp_path, monkeypatch) -> None:
+    root = str(tmp_path)
+    mgr = CheckpointManager(root, keep_last=None)
+    model, opt = trained(1)
+    first_state = cm.full_state(model, opt)
+    mgr.save(1, state_of(model, opt, 1))
+    monkeypatch.setattr(storage_fs._LocalWriter, "write", enospc)
+    handle = mgr.async_save(2, state_of(model, opt, 2))  # staging succeeds; the write fails
+    with pytest.raises(CheckpointSaveError) as err:
+        handle.result(timeout=60)
+    message = str(err.value)
+    assert "ENOSPC" in message and "rank-00000.bin" in message, message
+    assert err.value.details["errno"] == "ENOSPC" and err.value.details["file"] == \
+        "rank-00000.bin"
+    assert mgr.latest().step == 1
+    assert not (tmp_path / step_dirname(2) / "COMMITTED").exists()
+    cm.assert_same(first_state, load_full(root)[0])
+
+    monkeypatch.undo()  # space freed
+    bump(model)
+    third_state = cm.full_state(model, opt)
+    assert mgr.async_save(3, state_of(model, opt, 3)).result(timeout=60).step == 3
+    assert [i.step for i in mgr.list()] == [1, 3]
+    assert not (tmp_path / step_dirname(2)).exists(), "retention removes the debris"
+    cm.assert_same(third_state, load_full(root)[0])
+
+
+def test_staging_buffers_are_reused(tmp_path) -> None:
+    mgr = CheckpointManager(str(tmp_path), keep_last=1)
+    model, opt = trained(1)
+    state = state_of(model, opt, 1)
+    mgr.async_save(1, state).result(timeout=60)
+    nbytes, count = mgr.staging_bytes, mgr.staging_buffers
+    buffers = {k: b.data_ptr() for k, b in mgr._stager.buffers.items()}
+    assert nbytes > 0 and count > 0
+    for step in range(2, 34):
+        bump(model)
+        mgr.async_save(step, state)
+        assert (mgr.staging_bytes, mgr.staging_buffers) == (nbytes, count)
+        assert {k: b.data_ptr() for k, b in mgr._stager.buffers.items()} == buffers
+    expected = cm.full_state(model, opt)
+    assert mgr.wait().result().step == 33
+    cm.assert_same(expected, load_full(str(tmp_path))[0])
+    assert [i.step for i in mgr.list()] == [33]
+
+
+def die_before_durable(root: str) -> None:
+    """Child: a committed step 1, then async_save step 2 and die in the background thread
+    before the rank file is fsynced."""
+    torch.set_num_threads(1)
+    mgr = CheckpointManager(root, keep_last=None)
+    model, opt = trained(1)
+    torch.save(cm.full_state(model, opt), os.path.join(root, "expected.pt"))
+    mgr.save(1, state_of(model, opt, 1))
+
+    def close(self, durable: bool) -> None:
+        os._exit(1)
+
+    storage_fs._LocalWriter.close = close
+    bump(model)
+    mgr.async_save(2, state_of(model, opt, 2))
+    time.sleep(60)  # the background thread exits the process
+    os._exit(0)
+
+
+def test_killed_in_background_leaves_previous(tmp_path) -> None:
+    root = str(tmp_path)
+    proc = mp.get_context("spawn").Process(target=die_before_durable, args=(root,))
+    proc.start()
+    proc.join(120)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    assert proc.exitcode == 1
+    assert not (tmp_path / step_dirname(2) / "COMMITTED").exists()
+    mgr = CheckpointManager(root)
+    assert mgr.latest().step == 1
+    cm.assert_same(torch.load(tmp_path / "expected.pt"), load_full(root)[0])
+
+
+# -- two ranks --------------------------------------------------------------------------------
+def two_rank_cases(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    mgr = CheckpointManager(root, keep_last=None, persist_timeout_s=60)
+    model, opt = trained(1)
+    out: dict[str, Any] = {}
+    # snapshot
+    out[1] = cm.full_state(model, opt)
+    handle = mgr.async_save(1, state_of(model, opt, 1))
+    bump(model)
+    handle.result(timeout=60)
+    # back to back
+    original_close = storage_fs._LocalWriter.close
+    storage_fs._LocalWriter.close = slow_close(0.4)
+    out[2] = cm.full_state(model, opt)
+    first = mgr.async_save(2, state_of(model, opt, 2))
+    bump(model)
+    out[3] = cm.full_state(model, opt)
+    second = mgr.async_save(3, state_of(model, opt, 3))
+    out["serialized"] = (first.done(), second.waited_s)
+    second.result(timeout=60)
+    storage_fs._LocalWriter.close = original_close
+    # ENOSPC on rank 1 only: both handles raise, rank 1's names ENOSPC and its file
+    original_write = storage_fs._LocalWriter.write
+    if rank == 1:
+        storage_fs._LocalWriter.write = enospc
+    bump(model)
+    failed = mgr.async_save(4, state_of(model, opt, 4))
+    try:
+        failed.result(timeout=60)
+        out["enospc"] = None
+    except CheckpointSaveError as exc:
+        out["enospc"] = str(exc)
+    storage_fs._LocalWriter.write = original_write
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, out["enospc"])
+    out["enospc"] = gathered
+    out["latest_after_failure"] = mgr.latest().step
+    # a later save succeeds, and loads at the same world size
+    bump(model)
+    out[5] = cm.full_state(model, opt)
+    mgr.async_save(5, state_of(model, opt, 5)).result(timeout=60)
+    out["same_world"] = load_full(root)[0]
+    return out if rank == 0 else {}
+
+
+@pytest.mark.dist
+def test_two_ranks(tmp_path) -> None:
+    root = str(tmp_path)
+    (out, _) = run_ranks(2, two_rank_cases, root, timeout_s=240)
+    done, waited = out["serialized"]
+    assert done and waited >= 0.2, out["serialized"]
+    rank0, rank1 = out["enospc"]
+    assert rank1 and "ENOSPC" in rank1 and "rank-00001.bin" in rank1, rank1
+    assert rank0 and "rank 1" in rank0 and "ENOSPC" in rank0, rank0
+    assert out["latest_after_failure"] == 3
+    cm.assert_same(out[5], out["same_world"])
+    mgr = CheckpointManager(root)
+    assert [i.step for i in mgr.list()] == [1, 2, 3, 5]
+    assert not (tmp_path / step_dirname(4)).exists(), "retention removes the debris"
+    for step in (1, 2, 3, 5):  # re-shard 2 -> 1 through the normal load path
+        state, info = load_full(root, step)
+        assert info.world_size == 2
+        cm.assert_same(out[step], state, f"step {step}")
+
+
+def rank_dies_in_background(rank: int, world_size: int, root: str) -> str | None:
+    mgr = CheckpointManager(root, keep_last=None, persist_timeout_s=3)
+    model, opt = trained(1)
+    expected = cm.full_state(model, opt)
+    mgr.save(1, state_of(model, opt, 1))
+    if rank == 0:
+        torch.save(expected, os.path.join(root, "expected.pt"))
+    if rank == 1:
+        def close(self, durable: bool) -> None:
+            os._exit(1)
+
+        storage_fs._LocalWriter.close = close
+    bump(model)
+    handle = mgr.async_save(2, state_of(model, opt, 2))
+    try:
+        handle.result(timeout=60)
+    except CheckpointSaveError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.dist
+def test_two_ranks_one_dies_before_its_data_is_durable(tmp_path) -> None:
+    root = str(tmp_path)
+    outcomes = spawn_ranks(2, rank_dies_in_background, root, timeout_s=120, grace_s=20)
+    assert (outcomes[1].status, outcomes[1].value) == ("died", 1), outcomes[1]
+    assert outcomes[0].status == "ok" and "timed out" in outcomes[0].value, outcomes[0]
+    debris = Path(root) / step_dirname(2)
+    assert not (debris / "COMMITTED").exists() and not (debris / "manifest.json").exists()
+    mgr = CheckpointManager(root)
+    assert mgr.latest().step == 1 and mgr.latest().world_size == 2
+    cm.assert_same(torch.load(Path(root) / "expected.pt"), load_full(root)[0])
