@@ -102,3 +102,9 @@ class RunDirError(ElasticCkptError):
     """A run directory (``run_dir``: ``events.jsonl``, ``metrics.jsonl``) cannot be read: it is
     missing, has no ``events.jsonl``, or a line is malformed (the message names the file and
     line number)."""
+
+
+class CheckpointSavesFailedError(CheckpointSaveError):
+    """``checkpoint.max_failed_saves`` saves in a row failed in the background (disk full, an
+    object store down): the run stops rather than train on without checkpoints. The message
+    names the last cause and the last committed checkpoint."""

@@ -77,6 +77,13 @@ class CheckpointConfig(_Section):
     """On restore, if the latest checkpoint is corrupt, mark it ``CORRUPT`` (kept for
     inspection) and resume from the next older one, recording it in the event timeline;
     False: fail the run instead."""
+    async_save: bool = True
+    """Interval saves stage the state into host memory and return; writing, fsync and commit
+    run in the background (one save in flight). Saves on a stop request, before a resize and
+    at the end are always committed before the ranks return."""
+    max_failed_saves: PositiveInt = 3
+    """Consecutive failed saves (ENOSPC, an object-store error) the run tolerates, each a
+    warning, before it fails naming the cause and the last committed checkpoint."""
     init_from: str | None = None
     """Pretrained weights to start from when ``uri`` holds no committed checkpoint: an HF model
     directory (safetensors, sharded or not, or pytorch_model.bin), a ``.safetensors`` or torch

@@ -366,6 +366,11 @@ class Coordinator:
             self._on_restore(int(fields["step"]))
         if name == "checkpoint":  # every committed save, pending event or not
             self.telemetry.checkpoint(int(fields["step"]), fields["seconds"], fields["bytes"])
+        if name == "checkpoint_failed":  # a background save: a warning, training goes on
+            self.telemetry.failure("checkpoint_save", int(fields["step"]), fields["error"])
+            with self._lock:
+                self._progress_failures.append(FailureNotice(
+                    "checkpoint_save", fields["error"], int(fields["step"]), True))
         if event is None:
             return
         key = {"restore": "load", "rendezvous": "rendezvous", "first_step": "first_step"}
@@ -378,8 +383,8 @@ class Coordinator:
             event.details = {k: fields[k] for k in ("fsdp_units", "init_from",
                                                     "init_bytes_read", "model_bytes")
                              if k in fields}
-        if name == "checkpoint" and event.kind != "start":
-            event.phases["save"] = fields["seconds"]
+        if name == "checkpoint" and event.kind != "start" and not fields.get("async"):
+            event.phases["save"] = fields["seconds"]  # the stop save, its wait included
 
     def _on_step(self, rank: int, m: StepMetrics) -> None:
         if self.record_samples:

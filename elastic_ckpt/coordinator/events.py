@@ -66,7 +66,8 @@ class FailureNotice:
     """A failure as the coordinator saw it, sent to the driver at once (before any retry)."""
 
     kind: str
-    """``FailureKind`` value: worker_died, node_died, preempted, training_error, fatal."""
+    """``FailureKind`` value (worker_died, node_died, preempted, training_error, fatal), or
+    ``checkpoint_save``: a background save failed and training goes on."""
     message: str
     """What failed, with the rank's traceback for errors raised by training code."""
     at_step: int

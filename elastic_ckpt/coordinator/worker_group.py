@@ -17,6 +17,7 @@ from elastic_ckpt.coordinator.worker import TrainWorker
 from elastic_ckpt.errors import (
     CheckpointCorruptError,
     CheckpointMismatchError,
+    CheckpointSavesFailedError,
     ConfigError,
     RankError,
     SharedStorageError,
@@ -24,7 +25,8 @@ from elastic_ckpt.errors import (
 from elastic_ckpt.train import RankResult, RankSpec, TrainJob
 
 ACTOR_START_TIMEOUT_S = 180.0
-_FATAL = (ConfigError, CheckpointMismatchError, CheckpointCorruptError, SharedStorageError)
+_FATAL = (ConfigError, CheckpointMismatchError, CheckpointCorruptError, SharedStorageError,
+          CheckpointSavesFailedError)
 _PRIORITY = {FailureKind.FATAL: 0, FailureKind.PREEMPTED: 1, FailureKind.NODE_DIED: 2,
              FailureKind.WORKER_DIED: 3, FailureKind.TRAINING_ERROR: 4}
 

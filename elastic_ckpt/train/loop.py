@@ -20,7 +20,13 @@ import torch.nn as nn
 from elastic_ckpt.checkpoint import AppState, CheckpointInfo, CheckpointManager
 from elastic_ckpt.config import OptimConfig
 from elastic_ckpt.data import ElasticSampler, collate, forward_passes
-from elastic_ckpt.errors import CheckpointNotFoundError, ConfigError
+from elastic_ckpt.checkpoint.async_save import SaveHandle
+from elastic_ckpt.errors import (
+    CheckpointNotFoundError,
+    CheckpointSavesFailedError,
+    ConfigError,
+    ElasticCkptError,
+)
 from elastic_ckpt.train.accumulate import WeightedSums, agree_on_names, split_loss
 from elastic_ckpt.train.batch import count_tokens, load_batch
 from elastic_ckpt.train.distributed import device_mesh
@@ -70,6 +76,9 @@ class RankTrainer:
         """The step being trained (1-based) while the loop runs; None before the first one."""
         self.restored_step: int | None = None
         """The step the run resumed from once the restore is done (0: no checkpoint)."""
+        self.last_committed: CheckpointInfo | None = None
+        self._in_flight: tuple[SaveHandle, int] | None = None  # an async save and its step
+        self._failed_saves = 0  # background saves failed in a row
 
     # -- setup -------------------------------------------------------------------------------
     def _build(self) -> tuple[nn.Module, torch.optim.Optimizer, Any | None]:
@@ -205,6 +214,7 @@ class RankTrainer:
             scheduler = self._builtin_schedule(optimizer, base_lrs, step)
         restored = None if info is None else step
         self.restored_step = step
+        self.last_committed = info
         self.hooks.on_event("restore", {
             "seconds": time.perf_counter() - t0, "step": step,
             "from_world_size": None if info is None else info.world_size,
@@ -224,16 +234,20 @@ class RankTrainer:
                                                    "since_start_s": time.perf_counter() - started,
                                                    "step": step})
             self.hooks.on_step(metrics)
+            self._collect_save(block=False)
             # Save before evaluating: a stop request (a drain deadline) must not wait for an
-            # eval, and a failing eval_fn must not cost the checkpoint.
+            # eval, and a failing eval_fn must not cost the checkpoint. Saves that end this
+            # group (a stop, the last step) are committed before the ranks return.
             if stop or self._due(step):
-                info = self._save(app, record, step, tokens_seen)
+                self._save(app, record, step, tokens_seen,
+                           final=stop or step == self.config.max_steps)
             if self._eval_due(step) and not (stop and step < self.config.max_steps):
                 self._evaluate(model, step)
             if stop:
                 stopped = step < self.config.max_steps
                 break
-        return RankResult(final_step=step, stopped=stopped, checkpoint=info,
+        self._collect_save(block=True)
+        return RankResult(final_step=step, stopped=stopped, checkpoint=self.last_committed,
                           restored_step=restored)
 
     def _due(self, step: int) -> bool:
@@ -257,14 +271,63 @@ class RankTrainer:
                            device=self.device)
         self.hooks.on_eval(metrics)
 
-    def _save(self, app: AppState, record: dict[str, Any], step: int,
-              tokens_seen: int) -> CheckpointInfo:
+    def _save(self, app: AppState, record: dict[str, Any], step: int, tokens_seen: int,
+              final: bool) -> None:
+        """Checkpoint ``step`` (collective). An interval save with ``checkpoint.async_save``
+        stages and returns (its commit is reported when it lands); a ``final`` one is committed
+        here, after the save in flight, and its ``seconds`` include that wait."""
         t0 = time.perf_counter()
-        info = self.ckpt.save(step, {"app": app, "model": record,
-                                     "trainer": self._trainer_state(step, tokens_seen)})
+        waited = self._collect_save(block=True)
+        state = {"app": app, "model": record,
+                 "trainer": self._trainer_state(step, tokens_seen)}
+        if self.config.checkpoint.async_save and not final:
+            handle = self.ckpt.async_save(step, state)
+            self._in_flight = (handle, step)
+            self.hooks.on_event("checkpoint_staged", {
+                "step": step, "seconds": time.perf_counter() - t0, "waited_s": waited,
+                "staged_s": handle.staged_s, "staging_bytes": self.ckpt.staging_bytes})
+            return
+        info = self.ckpt.save(step, state)
+        self.last_committed, self._failed_saves = info, 0
         self.hooks.on_event("checkpoint", {"seconds": time.perf_counter() - t0, "step": step,
-                                           "bytes": info.total_bytes})
-        return info
+                                           "bytes": info.total_bytes, "async": False,
+                                           "waited_s": waited})
+
+    def _collect_save(self, block: bool) -> float:
+        """Report the async save in flight once it has landed (``block``: wait for it). A
+        failed one is a warning; ``checkpoint.max_failed_saves`` in a row end the run.
+        Returns the seconds waited."""
+        if self._in_flight is None:
+            return 0.0
+        handle, step = self._in_flight
+        if not block and not handle.done():
+            return 0.0
+        t0 = time.perf_counter()
+        try:
+            info = handle.result()
+        except ElasticCkptError as exc:
+            self._in_flight = None
+            self._failed_saves += 1
+            limit = self.config.checkpoint.max_failed_saves
+            last = self.last_committed.uri if self.last_committed else "none"
+            if self.rank == 0:
+                log.warning("checkpoint of step %d failed (%d in a row, limit %d); training "
+                            "continues: %s", step, self._failed_saves, limit, exc)
+            self.hooks.on_event("checkpoint_failed", {
+                "step": step, "error": str(exc), "failed_in_a_row": self._failed_saves})
+            if self._failed_saves >= limit:
+                raise CheckpointSavesFailedError(
+                    f"{self._failed_saves} checkpoint saves in a row failed "
+                    f"(checkpoint.max_failed_saves={limit}); the last, of step {step}: {exc}. "
+                    f"Last committed checkpoint: {last}. Free space or fix the storage, then "
+                    "re-run: it resumes from there.", step=step, path=last) from None
+            return time.perf_counter() - t0
+        self._in_flight, self.last_committed, self._failed_saves = None, info, 0
+        self.hooks.on_event("checkpoint", {
+            "seconds": handle.staged_s + handle.persist_s, "step": step,
+            "bytes": info.total_bytes, "async": True, "stall_s": handle.staged_s,
+            "persist_s": handle.persist_s, "staging_bytes": self.ckpt.staging_bytes})
+        return time.perf_counter() - t0
 
     def _train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     step: int) -> tuple[StepMetrics, bool]:

@@ -47,6 +47,9 @@ def format_event(e: ScalingEvent) -> str:
 
 
 def format_failure(f: FailureNotice) -> str:
+    if f.kind == "checkpoint_save":
+        return (f"!! checkpoint of step {f.at_step} failed in the background; training "
+                f"continues:\n{f.message.rstrip()}")
     then = "restarting from the latest checkpoint" if f.retrying else "giving up"
     return f"!! failure at step {f.at_step} ({f.kind}), {then}:\n{f.message.rstrip()}"
 
