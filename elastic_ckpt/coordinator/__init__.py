@@ -17,6 +17,6 @@ from elastic_ckpt.coordinator.policy import (
 from elastic_ckpt.coordinator.worker import TrainWorker
 
 __all__ = ["ClusterSnapshot", "ClusterView", "Coordinator", "CoordinatorResult", "Failure",
-           "FailureDecision", "FailureKind", "FailureNotice", "FailurePolicy", "NodeView", "NoopDecision",
-           "Observation", "ResizeDecision", "ScalingEvent", "ScalingPolicy", "Timeline",
-           "TrainWorker"]
+           "FailureDecision", "FailureKind", "FailureNotice", "FailurePolicy", "NodeView",
+           "NoopDecision", "Observation", "ResizeDecision", "ScalingEvent", "ScalingPolicy",
+           "Timeline", "TrainWorker"]
