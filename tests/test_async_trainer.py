@@ -5,9 +5,9 @@ frees; ``checkpoint.max_failed_saves`` in a row end the run naming the cause."""
 from __future__ import annotations
 
 import functools
-import subprocess
 
 import pytest
+from mounts import tmpfs
 from ray_jobs import dataset, tiny_config
 
 from elastic_ckpt import CheckpointManager, verify
@@ -20,24 +20,16 @@ pytestmark = [pytest.mark.fault, pytest.mark.dist]
 @pytest.fixture
 def full_disk(tmp_path):
     """A 2 MiB tmpfs, filled to the last byte by ``filler``."""
-    root = tmp_path / "disk"
-    root.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(root)],
-                             capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode()}")
-    filler = root / "filler"
-    try:
-        with open(filler, "wb") as f:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-    except OSError:
-        pass
-    try:
+    with tmpfs(tmp_path / "disk", "size=2m") as root:
+        filler = root / "filler"
+        try:
+            with open(filler, "wb") as f:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+        except OSError:
+            pass
         yield root, filler
-    finally:
-        subprocess.run(["umount", "-l", str(root)], check=False)
 
 
 def _job(tmp_path, root, **overrides) -> TrainJob:

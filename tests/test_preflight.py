@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from mounts import tmpfs
+from ray_jobs import tiny_config
 
 from elastic_ckpt.config import TrainConfig
 from elastic_ckpt.errors import ConfigError, StorageError, WeightsError
@@ -57,14 +59,7 @@ def test_inside_a_ray_job_read_only_paths_stay_relative_to_each_nodes_copy():
 
 
 def _config(tmp_path, **fields) -> TrainConfig:
-    raw = {"checkpoint": {"uri": str(tmp_path / "ckpt")}, "run_dir": str(tmp_path / "run")}
-    for key, value in fields.items():
-        section, _, name = key.partition("__")
-        if name:
-            raw.setdefault(section, {})[name] = value
-        else:
-            raw[section] = value
-    return TrainConfig.model_validate(raw)
+    return tiny_config(tmp_path, **fields)  # checkpoint.uri tmp/ckpt, run_dir tmp/run
 
 
 def test_preflight_probes_and_leaves_nothing_behind(tmp_path):
@@ -88,18 +83,10 @@ def test_a_uri_under_a_regular_file_is_a_typed_error_naming_it(tmp_path):
 
 
 def test_a_read_only_filesystem_is_found_before_training(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)],
-                             capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode()}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro") as ro:
         config = _config(tmp_path, checkpoint__uri=str(ro / "ckpt"))
         with pytest.raises(StorageError, match="Read-only file system"):
             preflight(config, dataset_from_config(config))
-    finally:
-        subprocess.run(["umount", str(ro)], check=True)
 
 
 class _Broken:
