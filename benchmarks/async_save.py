@@ -1,0 +1,175 @@
+"""How long a checkpoint stops training: elastic_ckpt ``async_save`` vs its sync ``save`` vs
+DCP's ``dcp.async_save`` (the anchor), on the same FSDP2 model + AdamW state, same disk, same
+run.
+
+```
+python benchmarks/async_save.py                     # 0.4 GB and 2 GB of state, W=2, 3 repeats
+python benchmarks/async_save.py --gb 0.2 --repeats 1
+```
+
+Per size, in one freshly spawned gloo group (W=2, ``fully_shard`` per block + root, one AdamW
+step), each repeat runs the three back to back, alternating their order:
+
+* ``save``: ``CheckpointManager.save`` (the caller waits for write, fsync and commit);
+* ``async_save``: ``CheckpointManager.async_save`` (returns once the state is staged into
+  reused host buffers), then ``handle.result()``;
+* ``dcp.async_save``: ``dcp.async_save(..., storage_writer=FileSystemWriter(dir),
+  async_stager=DefaultStager(StagingOptions(...)))`` with pinned/shared memory off (CPU), then
+  ``.result()`` of its future (or of its upload future).
+
+Reported per case: the stall (seconds the caller is blocked, max over ranks, barrier-aligned
+start), the time until committed / uploaded, and the stall as a fraction of the sync save.
+Each checkpoint goes to a new step directory; the first call of each kind is an untimed
+warm-up (it also allocates the staging buffers, which later saves reuse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import GB, machine_info, markdown_table, run_group  # noqa: E402
+from checkpoint import build, model_dims, train_step  # noqa: E402
+
+from elastic_ckpt.checkpoint import AppState, CheckpointManager  # noqa: E402
+
+CASES = ("save", "async_save", "dcp.async_save")
+
+
+def _dcp_stager() -> Any:
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions  # noqa
+
+    cuda = torch.cuda.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                        use_async_staging=cuda, use_non_blocking_copy=cuda))
+
+
+def _dcp_wait(response: Any) -> None:
+    upload = getattr(response, "upload_completion", None)
+    (upload if upload is not None else response).result()
+
+
+def _one(case: str, app: AppState, root: str, step: int, mgr: CheckpointManager,
+         stager: Any) -> tuple[float, float]:
+    """(stall seconds, seconds until durable) of one checkpoint on this rank."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    if case == "save":
+        mgr.save(step, {"app": app})
+        stall = done = time.perf_counter() - t0
+    elif case == "async_save":
+        handle = mgr.async_save(step, {"app": app})
+        stall = time.perf_counter() - t0
+        handle.result()
+        done = time.perf_counter() - t0
+    else:
+        path = os.path.join(root, "dcp", f"step-{step:08d}")
+        response = dcp.async_save({"app": app}, storage_writer=FileSystemWriter(path),
+                                  async_stager=stager)
+        stall = time.perf_counter() - t0
+        _dcp_wait(response)
+        done = time.perf_counter() - t0
+    dist.barrier()
+    return stall, done
+
+
+def phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    dims = model_dims(cfg["gb"])
+    model, optimizer = build(world_size, dims, seed=0)
+    train_step(model, optimizer, dims["vocab"])
+    app = AppState(model, optimizer)
+    root = cfg["dir"]
+    mgrs = {case: CheckpointManager(os.path.join(root, case.replace(".", "_")), keep_last=2)
+            for case in CASES[:2]}
+    stager = _dcp_stager()
+    out: dict[str, list[tuple[float, float]]] = {c: [] for c in CASES}
+    step = 1
+    for case in CASES:  # warm-up: imports, first planning, staging buffers
+        _one(case, app, root, step, mgrs.get(case, mgrs["save"]), stager)
+    for r in range(cfg["repeats"]):
+        order = CASES if r % 2 == 0 else CASES[::-1]
+        for case in order:
+            step += 1
+            out[case].append(_one(case, app, root, step, mgrs.get(case, mgrs["save"]),
+                                  stager))
+            if case == "dcp.async_save" and rank == 0:  # DCP keeps everything: keep 2
+                old = os.path.join(root, "dcp", f"step-{step - 2:08d}")
+                shutil.rmtree(old, ignore_errors=True)
+    for mgr in mgrs.values():
+        mgr.wait()
+    state_bytes = sum(t.numel() * t.element_size()
+                      for t in _local_tensors(app))
+    return {"runs": out, "state_bytes": state_bytes,
+            "staging_bytes": mgrs["async_save"].staging_bytes}
+
+
+def _local_tensors(app: AppState) -> list[torch.Tensor]:
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415
+
+    out = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, DTensor):
+            out.append(v.to_local())
+        elif isinstance(v, torch.Tensor):
+            out.append(v)
+
+    walk(app.state_dict())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gb", type=float, action="append",
+                    help="state size in GB (repeatable; default 0.4 and 2)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per case (3)")
+    ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
+    args = ap.parse_args(argv)
+    sizes = args.gb or [0.4, 2.0]
+    info = machine_info()
+    print(" | ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    rows = []
+    for gb in sizes:
+        root = tempfile.mkdtemp(prefix="async-bench-", dir=args.dir)
+        try:
+            results = run_group(2, phase, {"gb": gb, "dir": root, "repeats": args.repeats})
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        state = sum(r["state_bytes"] for r in results)
+        staging = max(r["staging_bytes"] for r in results)
+        med = {}
+        for case in CASES:
+            per_repeat = list(zip(*(r["runs"][case] for r in results)))  # repeat -> ranks
+            stall = statistics.median(max(s for s, _ in ranks) for ranks in per_repeat)
+            done = statistics.median(max(d for _, d in ranks) for ranks in per_repeat)
+            med[case] = (stall, done)
+        sync = med["save"][0]
+        for case in CASES:
+            stall, done = med[case]
+            rows.append([f"{state / GB:.2f} GB", case, f"{stall:.3f}", f"{done:.3f}",
+                         f"{stall / sync:.3f}x", f"{state / done / GB:.2f}"])
+        print(f"{gb} GB: staging holds {staging / GB:.2f} GB per rank "
+              f"(rank state {max(r['state_bytes'] for r in results) / GB:.2f} GB)", flush=True)
+    print(f"\nW=2, medians of {args.repeats}; load average {os.getloadavg()[0]:.2f}\n")
+    print(markdown_table(["state", "case", "stall s", "durable s", "stall / sync save",
+                          "GB/s to durable"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
