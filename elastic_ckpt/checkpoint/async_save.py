@@ -43,17 +43,15 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from elastic_ckpt.checkpoint import checksum
 from elastic_ckpt.checkpoint.catalog import CheckpointInfo
 from elastic_ckpt.checkpoint.manifest import COMMITTED_FILE, MANIFEST_FILE, rank_filename
 from elastic_ckpt.checkpoint.planners import placements_of
 from elastic_ckpt.checkpoint.writer import (
-    PhaseCallback,
     ShardWriter,
     _Object,
     _Written,
     json_objects,
-    tensor_bytes,
+    write_rank_file,
 )
 from elastic_ckpt.errors import CheckpointSaveError, ElasticCkptError
 from elastic_ckpt.storage import Storage
@@ -187,7 +185,6 @@ class PersistJob:
     token: str
     info: CheckpointInfo
     timeout_s: float
-    on_phase: PhaseCallback
     after_commit: Callable[[], None]
 
 
@@ -262,19 +259,14 @@ def _reraise(error: BaseException, cause: BaseException) -> None:
 
 
 def _write_rank(job: PersistJob) -> list[dict[str, Any]]:
-    writer, name = job.writer, rank_filename(job.rank)
-    out_results: list[dict[str, Any]] = []
-    with writer.directory.open_write(name) as out:
-        for item in writer.staged:
-            data = tensor_bytes(item.buffer)
-            offset = out.offset
-            out.write(data)
-            sums = checksum.encode(checksum.block_checksums(data, writer.block_size))
-            out_results.append({
-                "fqn": item.index.fqn, "offset": list(item.index.offset or ()),
-                "file": name, "byte_offset": offset, "byte_length": len(data),
-                "checksums": sums, "placements": item.placements,
-                "mesh_shape": item.mesh_shape, "mesh_dim_names": item.mesh_dim_names})
+    writer = job.writer
+    chunks = ((item.index, item.buffer, (item.placements, item.mesh_shape, item.mesh_dim_names))
+              for item in writer.staged)
+    written = write_rank_file(writer.directory, job.rank, rank_filename(job.rank), chunks,
+                              writer.block_size)
+    out_results: list[dict[str, Any]] = [
+        {"fqn": index.fqn, "offset": list(index.offset or ()), **dataclasses.asdict(w)}
+        for index, w in written]
     for index, text in writer.objects.items():
         out_results.append({"fqn": index.fqn, "object": text})
     marker = {"token": job.token, "rank": job.rank, "results": out_results}
@@ -295,18 +287,15 @@ def _commit(job: PersistJob, own: list[dict[str, Any]]) -> None:
                                            size_in_bytes=len(r["object"]),
                                            storage_data=_Object(r["object"])))
                 continue
+            fields = {k: r[k] for k in ("file", "byte_offset", "byte_length", "checksums")}
             written = _Written(
-                file=r["file"], byte_offset=r["byte_offset"], byte_length=r["byte_length"],
-                rank=rank, checksums=r["checksums"], placements=_tuple(r["placements"]),
+                **fields, rank=rank, placements=_tuple(r["placements"]),
                 mesh_shape=_tuple(r["mesh_shape"]), mesh_dim_names=_tuple(r["mesh_dim_names"]))
             results.append(WriteResult(index=MetadataIndex(r["fqn"], r["offset"]),
                                        size_in_bytes=r["byte_length"], storage_data=written))
-    job.on_phase("data_written")
-    manifest = writer._build_manifest(writer.metadata, results, world_size=job.world_size)
-    directory.write_atomic(MANIFEST_FILE, manifest.to_json())
-    job.on_phase("manifest_written")
-    directory.write_atomic(COMMITTED_FILE, b"")
-    job.on_phase("committed")
+    writer.on_phase("data_written")
+    writer.write_commit(writer._build_manifest(writer.metadata, results,
+                                               world_size=job.world_size))
     for rank in range(job.world_size):  # tidy; a leftover marker is harmless
         try:
             directory.remove(done_name(rank))

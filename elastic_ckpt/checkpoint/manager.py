@@ -209,7 +209,7 @@ class CheckpointManager:
         if failure is not None:
             raise failure
         writer = StagingWriter(self.root.child(name), self._stager, step=step, extra=extra,
-                               block_size_bytes=self.block_size_bytes,
+                               block_size_bytes=self.block_size_bytes, on_phase=self.on_phase,
                                process_group=self.process_group)
         metadata = self._run_dcp(lambda: dcp.save(dcp_state, storage_writer=writer,
                                                   planner=JsonSavePlanner(),
@@ -218,7 +218,6 @@ class CheckpointManager:
         job = PersistJob(writer=writer, rank=self._rank(), world_size=self._world_size(),
                          token=token, info=self._info(step, name, metadata, extra),
                          timeout_s=self.persist_timeout_s,
-                         on_phase=self.on_phase or (lambda phase: None),
                          after_commit=lambda: self._apply_retention(in_progress=frozenset()))
         handle = SaveHandle(step, concurrent.futures.Future(),
                             staged_s=time.perf_counter() - start, waited_s=waited,

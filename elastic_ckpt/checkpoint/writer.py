@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -200,27 +200,16 @@ class ShardWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         # Every non-tensor leaf is encoded (or refused) before this rank's file is opened.
         objects = json_objects(plan, planner)
-        results: list[WriteResult] = []
         name = rank_filename(self.rank)
         target = name if not plan.storage_data else aside_name(name, plan.storage_data)
         flat_state = getattr(planner, "state_dict", None) or {}
-        tensor_items = [i for i in plan.items if i.type != WriteItemType.BYTE_IO]
-        with self.directory.open_write(target) as out:
-            for item in tensor_items:
-                tensor = planner.resolve_data(item)
-                if tensor.device.type != "cpu":
-                    tensor = tensor.to("cpu")
-                data = tensor_bytes(tensor)
-                offset = out.offset
-                out.write(data)
-                placements, mesh, axes = placements_of(flat_state.get(item.index.fqn))
-                written = _Written(
-                    file=name, byte_offset=offset, byte_length=len(data), rank=self.rank,
-                    checksums=checksum.encode(checksum.block_checksums(data, self.block_size)),
-                    placements=placements, mesh_shape=mesh, mesh_dim_names=axes,
-                )
-                results.append(WriteResult(index=item.index, size_in_bytes=len(data),
-                                           storage_data=written))
+        chunks = ((item.index, planner.resolve_data(item),
+                   placements_of(flat_state.get(item.index.fqn)))
+                  for item in plan.items if item.type != WriteItemType.BYTE_IO)
+        results = [WriteResult(index=index, size_in_bytes=written.byte_length,
+                               storage_data=written)
+                   for index, written in write_rank_file(self.directory, self.rank, target,
+                                                         chunks, self.block_size)]
         for index, text in objects.items():
             results.append(WriteResult(index=index, size_in_bytes=len(text),
                                        storage_data=_Object(text)))
@@ -247,6 +236,11 @@ class ShardWriter(StorageWriter):
             rank = parse_rank_filename(name)
             if not is_dir and rank is not None and rank >= len(results):
                 self.directory.remove(name)
+        self.write_commit(manifest)
+
+    def write_commit(self, manifest: Manifest) -> None:
+        """The end of the commit protocol, once every rank's data is durable and the manifest
+        is built: ``manifest.json``, then ``COMMITTED``, each durable before the next."""
         self.directory.write_atomic(MANIFEST_FILE, manifest.to_json())
         self.on_phase("manifest_written")
         self.directory.write_atomic(COMMITTED_FILE, b"")
@@ -300,6 +294,29 @@ class ShardWriter(StorageWriter):
             flatten_mappings={k: tuple(v) for k, v in (metadata.planner_data or {}).items()},
             extra=self.extra,
         )
+
+
+def write_rank_file(directory: Storage, rank: int, target: str,
+                    chunks: Iterable[tuple[MetadataIndex, torch.Tensor, tuple]],
+                    block_size: int) -> list[tuple[MetadataIndex, _Written]]:
+    """Write one rank's chunks, in order, into ``target`` (durable when this returns) and say
+    where each landed, with its block checksums. ``chunks`` yields (index, tensor, the
+    ``placements_of`` triple); the storage data names the rank's final file name, whatever
+    ``target`` is (a rewrite writes aside first)."""
+    name = rank_filename(rank)
+    out_list: list[tuple[MetadataIndex, _Written]] = []
+    with directory.open_write(target) as out:
+        for index, tensor, (placements, mesh, axes) in chunks:
+            if tensor.device.type != "cpu":
+                tensor = tensor.to("cpu")
+            data = tensor_bytes(tensor)
+            offset = out.offset
+            out.write(data)
+            out_list.append((index, _Written(
+                file=name, byte_offset=offset, byte_length=len(data), rank=rank,
+                checksums=checksum.encode(checksum.block_checksums(data, block_size)),
+                placements=placements, mesh_shape=mesh, mesh_dim_names=axes)))
+    return out_list
 
 
 _ASIDE_SUFFIX = ".tmp"
