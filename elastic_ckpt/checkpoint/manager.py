@@ -385,6 +385,17 @@ class CheckpointManager:
         return box[0]
 
 
+def latest_or_reason(uri: str) -> tuple[CheckpointInfo | None, str]:
+    """The latest committed checkpoint under ``uri`` and how an error message names it: its
+    URI, ``none in URI``, or ``unknown (URI cannot be read: ...)``. Never raises: a failure
+    report must not fail itself."""
+    try:
+        latest = CheckpointManager(uri).latest()
+    except Exception as exc:  # noqa: BLE001 - storage errors while reporting a failure
+        return None, f"unknown ({uri} cannot be read: {type(exc).__name__}: {exc})"
+    return latest, latest.uri if latest is not None else f"none in {uri}"
+
+
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(entries for DCP, JSON-encoded extras)``."""
     if not isinstance(state, dict):

@@ -17,7 +17,8 @@ from typing import Any
 
 import ray
 
-from elastic_ckpt.checkpoint import CheckpointInfo, CheckpointManager
+from elastic_ckpt.checkpoint import CheckpointInfo
+from elastic_ckpt.checkpoint.manager import latest_or_reason
 from elastic_ckpt.config import TrainConfig
 from elastic_ckpt.coordinator.cluster import ClusterView
 from elastic_ckpt.coordinator.events import FailureNotice, ScalingEvent, Timeline
@@ -108,7 +109,6 @@ class Coordinator:
         self._last_healthy = time.time()
         self._resumed_s: float | None = None  # when the current group made its first step
         self._last_failure: Failure | None = None
-        self._latest_error = ""
         self._progress_failures: list[FailureNotice] = []
 
     # -- public (Ray actor methods) ---------------------------------------------------------
@@ -439,21 +439,10 @@ class Coordinator:
         return sum(n in self._drain_deadlines for n in self.group.node_ids)
 
     def _latest(self) -> CheckpointInfo | None:
-        """The latest committed checkpoint; None when there is none or it cannot be read
-        (the reason is kept in ``_latest_error``: a failure report must not fail itself)."""
-        try:
-            return CheckpointManager(self.config.checkpoint.uri).latest()
-        except Exception as exc:  # noqa: BLE001 - storage errors while reporting a failure
-            self._latest_error = f"{type(exc).__name__}: {exc}"
-            return None
+        return latest_or_reason(self.config.checkpoint.uri)[0]
 
     def _latest_uri(self) -> str:
-        latest = self._latest()
-        if latest is not None:
-            return latest.uri
-        if self._latest_error:
-            return f"unknown ({self.config.checkpoint.uri} cannot be read: {self._latest_error})"
-        return f"none in {self.config.checkpoint.uri}"
+        return latest_or_reason(self.config.checkpoint.uri)[1]
 
     def _request_resources(self, num_workers: int) -> None:
         if not self.config.scaling.request_resources:

@@ -15,7 +15,8 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from elastic_ckpt.checkpoint import CheckpointInfo, CheckpointManager
+from elastic_ckpt.checkpoint import CheckpointInfo
+from elastic_ckpt.checkpoint.manager import latest_or_reason
 from elastic_ckpt.config import TrainConfig, validate_config
 from elastic_ckpt.coordinator import Coordinator, ScalingEvent
 from elastic_ckpt.coordinator.coordinator import Progress
@@ -163,11 +164,7 @@ class ElasticTrainer:
         first = (text.splitlines() or [type(exc).__name__])[0]
         if "creation task" in text:  # Coordinator(...) itself raised: that error is the story
             return (f"the run's coordinator could not be created on this node: {text}")
-        try:
-            latest = CheckpointManager(self.config.checkpoint.uri).latest()
-            last = latest.uri if latest else f"none in {self.config.checkpoint.uri}"
-        except Exception as err:  # noqa: BLE001
-            last = f"unknown ({err})"
+        last = latest_or_reason(self.config.checkpoint.uri)[1]
         where = self.ray_session.describe() if self.ray_session else "Ray"
         return (f"the run's coordinator actor stopped before training ended "
                 f"({type(exc).__name__}: {first}). This run {where}; a coordinator is "

@@ -5,7 +5,6 @@ the first save (or after every retry)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import uuid
 from typing import Any
 
@@ -76,9 +75,7 @@ def probe_run_dir(run_dir: str) -> None:
         raise ConfigError(f"run_dir {run_dir} must be a local directory (it holds "
                           "events.jsonl, metrics.jsonl and TensorBoard files the driver "
                           "writes); set it to an absolute local path", field="run_dir")
-    probe_writable("run_dir", run_dir.removeprefix("file://"))
-    if not os.path.isdir(run_dir.removeprefix("file://")):
-        raise ConfigError(f"run_dir {run_dir} is not a directory", field="run_dir")
+    probe_writable("run_dir", run_dir.removeprefix("file://"))  # creates it as a directory
 
 
 def check_dataset(field: str, what: str, dataset: Any) -> None:
