@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from elastic_ckpt.cli import timeline as tl
+from elastic_ckpt.cli import timeline_plot as tp
 from elastic_ckpt.cli.main import main
 from elastic_ckpt.errors import RunDirError
 
@@ -224,11 +225,11 @@ def test_loss_line_breaks_at_events(elastic_dir):
 
 
 def test_int_ticks():
-    assert tl.int_ticks(1) == [0, 1]
-    assert tl.int_ticks(3) == [0, 1, 2, 3]
-    assert tl.int_ticks(16) == [0, 4, 8, 12, 16]
-    assert tl.int_ticks(13) == [0, 4, 8, 13]
-    assert tl.int_ticks(64)[-1] == 64 and len(tl.int_ticks(64)) <= 7
+    assert tp.int_ticks(1) == [0, 1]
+    assert tp.int_ticks(3) == [0, 1, 2, 3]
+    assert tp.int_ticks(16) == [0, 4, 8, 12, 16]
+    assert tp.int_ticks(13) == [0, 4, 8, 13]
+    assert tp.int_ticks(64)[-1] == 64 and len(tp.int_ticks(64)) <= 7
 
 
 # -- reading and its errors --------------------------------------------------------------------
