@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from s3_server import moto_s3
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -321,6 +322,13 @@ def same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and (a == b or (a != a and b != b))
 
 
+def loaded(path: Any) -> dict[str, Any]:
+    """``blank_state()`` after ``dcp.load`` through a ``ShardReader`` of ``path``."""
+    out = blank_state()
+    dcp.load(out, storage_reader=ShardReader(path))
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, Any]:
     """What DCP's own FileSystemWriter/FileSystemReader make of ``plain_state``."""
@@ -469,9 +477,7 @@ def test_overwrite_false_refuses_a_committed_checkpoint(tmp_path) -> None:
     ((name, _, message),) = _failures(err.value).values()
     assert name == "CheckpointSaveError" and "overwrite=False" in message
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
-    out = blank_state()
-    dcp.load(out, storage_reader=ShardReader(path))
-    assert same(out, plain_state(1.0))
+    assert same(loaded(path), plain_state(1.0))
 
 
 def test_overwrite_true_replaces_it_and_drops_other_ranks_files(tmp_path) -> None:
@@ -481,9 +487,7 @@ def test_overwrite_true_replaces_it_and_drops_other_ranks_files(tmp_path) -> Non
     dcp.save(plain_state(5.0), storage_writer=ShardWriter(path, overwrite=True))
     assert sorted(p.name for p in path.iterdir()) == ["COMMITTED", "manifest.json",
                                                       "rank-00000.bin"]
-    out = blank_state()
-    dcp.load(out, storage_reader=ShardReader(path))
-    assert same(out, plain_state(5.0))
+    assert same(loaded(path), plain_state(5.0))
 
 
 def test_uncommitted_debris_is_rewritten_even_without_overwrite(tmp_path) -> None:
@@ -491,9 +495,7 @@ def test_uncommitted_debris_is_rewritten_even_without_overwrite(tmp_path) -> Non
     dcp.save(plain_state(1.0), storage_writer=ShardWriter(path))
     (path / "COMMITTED").unlink()
     dcp.save(plain_state(4.0), storage_writer=ShardWriter(path, overwrite=False))
-    out = blank_state()
-    dcp.load(out, storage_reader=ShardReader(path))
-    assert same(out, plain_state(4.0))
+    assert same(loaded(path), plain_state(4.0))
 
 
 def test_ignored_options_are_accepted_and_extensions_refused(tmp_path) -> None:
@@ -570,29 +572,14 @@ def test_refused_leaf_in_a_rewrite_keeps_the_old_checkpoint(tmp_path) -> None:
     with pytest.raises(CheckpointException, match="blob"):  # DCP's default planner
         dcp.save(bad, storage_writer=ShardWriter(path, overwrite=True))
     assert (path / "COMMITTED").exists()
-    out = blank_state()
-    dcp.load(out, storage_reader=ShardReader(path))
-    assert same(out, plain_state(1.0))
+    assert same(loaded(path), plain_state(1.0))
 
 
 # -- object store -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def s3_query():
-    moto_server = pytest.importorskip("moto.server")
-    pafs = pytest.importorskip("pyarrow.fs")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
-                      allow_bucket_creation=True).create_dir("dropin")
-    try:
-        yield f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    finally:
-        server.stop()
-        patch.undo()
+    with moto_s3("dropin") as (query, _):
+        yield query
 
 
 def test_s3_uri_save_overwrite_guard_and_load(s3_query) -> None:
@@ -600,15 +587,11 @@ def test_s3_uri_save_overwrite_guard_and_load(s3_query) -> None:
     dcp.save(plain_state(4.0), storage_writer=ShardWriter(uri))
     with pytest.raises(CheckpointException, match="overwrite=False"):
         dcp.save(plain_state(), storage_writer=ShardWriter(uri, overwrite=False))
-    out = blank_state()
-    dcp.load(out, storage_reader=ShardReader(uri))
-    assert same(out, plain_state(4.0))
+    assert same(loaded(uri), plain_state(4.0))
     assert CheckpointManager(f"s3://dropin/run?{s3_query}").latest().step == 4
     # A rewrite on an object store: written aside, then moved in (a copy and a delete).
     dcp.save(plain_state(6.0), storage_writer=ShardWriter(uri, overwrite=True))
-    out = blank_state()
-    dcp.load(out, storage_reader=ShardReader(uri))
-    assert same(out, plain_state(6.0))
+    assert same(loaded(uri), plain_state(6.0))
     verify(uri)
 
 

@@ -13,32 +13,20 @@ from elastic_ckpt.train.local import run_ranks
 from elastic_ckpt import AppState, CheckpointCorruptError, CheckpointManager, verify
 from elastic_ckpt.cli.main import main as cli_main
 from elastic_ckpt.storage import Storage
+from s3_server import moto_s3
 from train_jobs import Segment, run_segments, smallest_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
-moto_server = pytest.importorskip("moto.server", reason="the test extra installs moto[server]")
-pafs = pytest.importorskip("pyarrow.fs")
+pytest.importorskip("moto.server", reason="the test extra installs moto[server]")
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A moto S3 server on 127.0.0.1 with an empty bucket; yields the URI query that points
     pyarrow at it. Credentials come from the environment, as for real S3."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http",
-                           region="us-east-1", allow_bucket_creation=True)
-    fs.create_dir("ckpt-bucket")
-    try:
-        yield f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    finally:
-        server.stop()
-        mp.undo()
+    with moto_s3("ckpt-bucket") as (query, _):
+        yield query
 
 
 @pytest.fixture

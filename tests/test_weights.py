@@ -28,6 +28,7 @@ from elastic_ckpt.errors import (
 from elastic_ckpt.storage import fs as storage_fs
 from elastic_ckpt.train import default_parallelize, device_mesh
 from elastic_ckpt.train.local import run_ranks
+from s3_server import moto_s3
 from test_export import same_bits, write_grid_checkpoint
 
 
@@ -504,25 +505,14 @@ def test_broken_indexes(llama, tmp_path):
 
 
 # -- any pyarrow.fs URI ------------------------------------------------------------------------
-def test_s3_safetensors_sharded_and_torch(llama, tmp_path):
-    moto_server = pytest.importorskip("moto.server")
-    pafs = pytest.importorskip("pyarrow.fs")
+def test_s3_safetensors_sharded_and_torch(llama, tmp_path, monkeypatch):
     state, uris = llama
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http",
-                               region="us-east-1", allow_bucket_creation=True)
-        fs.create_dir("weights")
+    with moto_s3("weights") as (query, fs):
+        pafs = pytest.importorskip("pyarrow.fs")
         for kind in ("hf_sharded", "pt_file"):
             pafs.copy_files(uris[kind], f"weights/{os.path.basename(uris[kind])}",
                             destination_filesystem=fs)
-        query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-        mp.setattr(tempfile, "tempdir", str(tmp_path))
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
         for name in ("sharded", "weights.pt"):
             with open_weights(f"s3://weights/{name}?{query}") as source:
                 check_source(source, state)
@@ -533,9 +523,6 @@ def test_s3_safetensors_sharded_and_torch(llama, tmp_path):
             uris["hf_sharded"], "model.safetensors.index.json")))["weight_map"]["lm_head.weight"])
         with open_weights(f"s3://weights/sharded/{file}?{query}") as source:
             assert same_bits(source.read_rows("lm_head.weight", 5, 9), state["lm_head.weight"][5:9])
-    finally:
-        server.stop()
-        mp.undo()
 
 
 # -- property ----------------------------------------------------------------------------------
