@@ -31,11 +31,14 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
                 text = f.read()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}", file=path) from None
+        loader = yaml.SafeLoader(text)  # one parse: the nodes (for line numbers) and the data
         try:
-            raw = yaml.safe_load(text) or {}
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            node = loader.get_single_node()
+            raw = (loader.construct_document(node) if node is not None else None) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}", file=path) from None
+        finally:
+            loader.dispose()
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got "
                               f"{type(raw).__name__}", file=path)
