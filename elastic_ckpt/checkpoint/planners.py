@@ -8,7 +8,7 @@ serialization and add a clear shape/dtype check; the resharding arithmetic stays
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
@@ -36,9 +36,7 @@ class JsonSavePlanner(DefaultSavePlanner):
                          dedup_save_to_lowest_rank=False)
 
     def create_local_plan(self) -> SavePlan:
-        for key, value in self.state_dict.items():
-            if not is_tensor_like(value):
-                dumps_value(value, str(key))
+        check_json_leaves(self.state_dict)
         return super().create_local_plan()
 
     def transform_object(self, write_item: WriteItem, object: Any):
@@ -92,6 +90,14 @@ def is_tensor_like(value: Any) -> bool:
     """Whether DCP saves ``value`` as tensor chunks (a tensor, DTensor, ShardedTensor or other
     ``_Checkpointable``) rather than as one opaque object (``BYTE_IO``)."""
     return isinstance(value, torch.Tensor) or hasattr(value, "__create_write_items__")
+
+
+def check_json_leaves(state: Mapping[Any, Any]) -> None:
+    """Raise ``NotCheckpointableError`` naming the first non-tensor leaf of the flat
+    ``state`` that cannot be stored as JSON."""
+    for key, value in state.items():
+        if not is_tensor_like(value):
+            dumps_value(value, str(key))
 
 
 def placements_of(value: Any) -> tuple[tuple[str, ...] | None, tuple[int, ...] | None,

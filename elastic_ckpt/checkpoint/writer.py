@@ -37,7 +37,7 @@ from elastic_ckpt.checkpoint.manifest import (
     parse_step_dirname,
     rank_filename,
 )
-from elastic_ckpt.checkpoint.planners import is_tensor_like, placements_of
+from elastic_ckpt.checkpoint.planners import check_json_leaves, placements_of
 from elastic_ckpt.errors import CheckpointSaveError, NotCheckpointableError
 from elastic_ckpt.storage import Storage
 
@@ -373,9 +373,7 @@ def json_objects(plan: SavePlan, planner: SavePlanner) -> dict[MetadataIndex, st
     deduplication gave to another rank, so a refused leaf raises on every rank holding it."""
     state = getattr(planner, "state_dict", None)
     if isinstance(state, Mapping):
-        for key, value in state.items():
-            if not is_tensor_like(value):
-                dumps_value(value, str(key))
+        check_json_leaves(state)
     out = {}
     for item in plan.items:
         if item.type == WriteItemType.BYTE_IO:
