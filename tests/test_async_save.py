@@ -277,3 +277,43 @@ def test_two_ranks_one_dies_before_its_data_is_durable(tmp_path) -> None:
     mgr = CheckpointManager(root)
     assert mgr.latest().step == 1 and mgr.latest().world_size == 2
     cm.assert_same(torch.load(Path(root) / "expected.pt"), load_full(root)[0])
+
+
+def all_ranks_die_in_background(rank: int, world_size: int, root: str) -> None:
+    """keep_last=1: step 1's files are recycled, so step 3's persist overwrites them in place
+    when every rank dies (after its data is written, before the fsync and the markers)."""
+    mgr = CheckpointManager(root, keep_last=1, persist_timeout_s=60)
+    model, opt = trained(1)
+    mgr.save(1, state_of(model, opt, 1))
+    bump(model)
+    expected = cm.full_state(model, opt)
+    mgr.save(2, state_of(model, opt, 2))
+    if rank == 0:
+        torch.save(expected, os.path.join(root, "expected.pt"))
+
+    def close(self, durable: bool) -> None:
+        os._exit(3)
+
+    storage_fs._LocalWriter.close = close
+    bump(model)
+    mgr.async_save(3, state_of(model, opt, 3))  # returned: staged; the persist kills us
+    time.sleep(60)
+
+
+@pytest.mark.dist
+def test_all_ranks_die_after_async_save_returned(tmp_path) -> None:
+    root = str(tmp_path)
+    outcomes = spawn_ranks(2, all_ranks_die_in_background, root, timeout_s=120, grace_s=20)
+    assert [(o.status, o.value) for o in outcomes] == [("died", 3), ("died", 3)], outcomes
+    debris = Path(root) / step_dirname(3)
+    assert sorted(os.listdir(debris)) == ["rank-00000.bin", "rank-00001.bin"], \
+        "both ranks were overwriting recycled files"
+    mgr = CheckpointManager(root)
+    assert mgr.latest().step == 2 and [i.step for i in mgr.list()] == [2]
+    cm.assert_same(torch.load(Path(root) / "expected.pt"), load_full(root)[0])
+    verify(mgr.latest().uri)
+    # the next run saves over the debris and retention clears it
+    model, opt = trained(4)
+    CheckpointManager(root, keep_last=1).save(4, state_of(model, opt, 4))
+    assert [i.step for i in CheckpointManager(root).list()] == [4]
+    assert not debris.exists()

@@ -8,6 +8,7 @@ import torch
 
 from elastic_ckpt import CheckpointManager, ConfigError
 from elastic_ckpt.checkpoint.manifest import step_dirname
+from elastic_ckpt.checkpoint.recycle import POOL_DIR
 from elastic_ckpt.checkpoint.retention import steps_to_delete, validate_retention
 
 R = range  # keeps the table narrow
@@ -69,7 +70,10 @@ def test_manager_keeps_exactly_the_configured_checkpoints(tmp_path, keep_last, k
         assert info.step == step and info.world_size == 1
     assert [i.step for i in mgr.list()] == kept
     assert mgr.latest().step == kept[-1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dirname(s) for s in kept]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != POOL_DIR) == [
+        step_dirname(s) for s in kept]
+    pool = tmp_path / POOL_DIR  # the removed checkpoints' files, one checkpoint's worth
+    assert len(list(pool.iterdir())) == 1 if len(kept) < len(steps) else not pool.exists()
     for step in kept:  # what is kept still loads, and holds its own step's values
         w, meta = torch.zeros(3), {}
         assert mgr.load({"w": w, "meta": meta}, step=step).step == step
@@ -86,7 +90,7 @@ def test_manager_retention_around_debris_and_foreign_entries(tmp_path) -> None:
     mgr.save(6, {"w": torch.ones(2)})
     # step 5 (old), step 4 (debris older than 6) removed; step 9 may be a save still running;
     # entries that are not step directories are not ours to touch.
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != POOL_DIR) == sorted([
         step_dirname(3), step_dirname(6), step_dirname(9), "notes", "step-12"])
     assert [i.step for i in mgr.list()] == [6]
 
@@ -100,7 +104,7 @@ def test_retention_cut_short_leaves_debris_not_a_broken_committed_checkpoint(
     real = Storage.remove_tree
 
     def dies(self, name):  # the process dies after the first file of the delete
-        (tmp_path / name / "rank-00000.bin").unlink()
+        (tmp_path / name / "rank-00000.bin").unlink(missing_ok=True)  # (or it was recycled)
         raise OSError("killed mid-delete")
 
     monkeypatch.setattr(Storage, "remove_tree", dies)
@@ -110,7 +114,8 @@ def test_retention_cut_short_leaves_debris_not_a_broken_committed_checkpoint(
     assert [i.step for i in mgr.list()] == [2]  # and not offered as a checkpoint
     monkeypatch.setattr(Storage, "remove_tree", real)
     mgr.save(3, {"w": torch.zeros(2)})  # the next retention removes the debris
-    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dirname(3)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != POOL_DIR) == [
+        step_dirname(3)]
 
 
 def test_saving_a_committed_step_again_is_refused(tmp_path) -> None:

@@ -38,6 +38,7 @@ from elastic_ckpt.checkpoint.manifest import (
     rank_filename,
 )
 from elastic_ckpt.checkpoint.planners import check_json_leaves, placements_of
+from elastic_ckpt.checkpoint.recycle import FilePool
 from elastic_ckpt.errors import CheckpointSaveError, NotCheckpointableError
 from elastic_ckpt.storage import Storage
 
@@ -103,7 +104,8 @@ class ShardWriter(StorageWriter):
 
     ``step`` (default: from a ``step-NNNNNNNN`` directory name, else 0), ``extra`` and
     ``block_size_bytes`` go into the manifest; ``on_phase`` observes the commit protocol (see
-    ``PhaseCallback``). Build a new writer per save (or ``reset`` it).
+    ``PhaseCallback``); ``pool`` (``CheckpointManager``'s) lends recycled rank files to
+    overwrite in place. Build a new writer per save (or ``reset`` it).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class ShardWriter(StorageWriter):
         block_size_bytes: int = 1 << 15,
         on_phase: PhaseCallback | None = None,
         process_group: dist.ProcessGroup | None = None,
+        pool: FilePool | None = None,
         single_file_per_rank: bool = True,
         sync_files: bool = True,
         thread_count: int = 1,
@@ -137,6 +140,7 @@ class ShardWriter(StorageWriter):
         self.block_size = block_size_bytes
         self.on_phase = on_phase or (lambda phase: None)
         self.process_group = process_group
+        self.pool = pool
         self.rank = 0
         self.is_coordinator = False
         self.save_id = uuid.uuid4().hex
@@ -208,8 +212,9 @@ class ShardWriter(StorageWriter):
                   for item in plan.items if item.type != WriteItemType.BYTE_IO)
         results = [WriteResult(index=index, size_in_bytes=written.byte_length,
                                storage_data=written)
-                   for index, written in write_rank_file(self.directory, self.rank, target,
-                                                         chunks, self.block_size)]
+                   for index, written in write_rank_file(
+                       self.directory, self.rank, target, chunks, self.block_size,
+                       pool=None if plan.storage_data else self.pool)]
         for index, text in objects.items():
             results.append(WriteResult(index=index, size_in_bytes=len(text),
                                        storage_data=_Object(text)))
@@ -298,14 +303,17 @@ class ShardWriter(StorageWriter):
 
 def write_rank_file(directory: Storage, rank: int, target: str,
                     chunks: Iterable[tuple[MetadataIndex, torch.Tensor, tuple]],
-                    block_size: int) -> list[tuple[MetadataIndex, _Written]]:
+                    block_size: int, pool: FilePool | None = None,
+                    ) -> list[tuple[MetadataIndex, _Written]]:
     """Write one rank's chunks, in order, into ``target`` (durable when this returns) and say
     where each landed, with its block checksums. ``chunks`` yields (index, tensor, the
     ``placements_of`` triple); the storage data names the rank's final file name, whatever
-    ``target`` is (a rewrite writes aside first)."""
+    ``target`` is (a rewrite writes aside first). With a ``pool``, ``target`` is a recycled
+    file overwritten in place when the pool has one."""
     name = rank_filename(rank)
     out_list: list[tuple[MetadataIndex, _Written]] = []
-    with directory.open_write(target) as out:
+    in_place = pool is not None and pool.take(rank, directory, target)
+    with directory.open_write(target, in_place=in_place) as out:
         for index, tensor, (placements, mesh, axes) in chunks:
             if tensor.device.type != "cpu":
                 tensor = tensor.to("cpu")

@@ -84,6 +84,13 @@ class CheckpointConfig(_Section):
     max_failed_saves: PositiveInt = 3
     """Consecutive failed saves (ENOSPC, an object-store error) the run tolerates, each a
     warning, before it fails naming the cause and the last committed checkpoint."""
+    recycle_files: bool = True
+    """Local filesystems: retention hands the data files of a checkpoint it removes to the next
+    save, which overwrites them in place (no new blocks to allocate: faster on most disks).
+    Between saves the root then holds one checkpoint's worth of files in ``.recycle/``."""
+    read_threads: PositiveInt | None = None
+    """Threads each rank reads checkpoint shards with (None: from the cores the rank was given,
+    ``torch.get_num_threads()``, at most 8)."""
     init_from: str | None = None
     """Pretrained weights to start from when ``uri`` holds no committed checkpoint: an HF model
     directory (safetensors, sharded or not, or pytorch_model.bin), a ``.safetensors`` or torch

@@ -202,11 +202,17 @@ class Storage:
             raise self._error("write", name, exc) from exc
 
     @contextmanager
-    def open_write(self, name: str) -> Iterator[_LocalWriter | _ArrowWriter]:
+    def open_write(self, name: str, *,
+                   in_place: bool = False) -> Iterator[_LocalWriter | _ArrowWriter]:
         """A sequential writer; the file is durable (fsynced / uploaded) when the block exits
-        without error. On error the partial file is removed."""
+        without error. On error the partial file is removed.
+
+        ``in_place`` (local only): ``name`` exists and its blocks are allocated; overwrite it
+        from byte 0 without truncating first, and truncate it to the bytes written before
+        the fsync (cheaper than allocating a new file on most local filesystems)."""
         try:
-            writer = _LocalWriter(self.path(name)) if self.is_local else _ArrowWriter(self, name)
+            writer = (_LocalWriter(self.path(name), in_place=in_place) if self.is_local
+                      else _ArrowWriter(self, name))
         except OSError as exc:
             raise self._error("open for writing", name, exc) from exc
         try:
@@ -251,9 +257,11 @@ class Storage:
 
 
 class _LocalWriter:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, in_place: bool = False) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.in_place = in_place
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if in_place else os.O_TRUNC),
+                          0o644)
         self.offset = 0
 
     def write(self, data) -> int:
@@ -268,6 +276,8 @@ class _LocalWriter:
         if self.fd < 0:
             return
         try:
+            if self.in_place:
+                os.ftruncate(self.fd, self.offset)  # drop what a longer old file had beyond
             if durable:
                 os.fsync(self.fd)
         finally:

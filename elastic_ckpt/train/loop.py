@@ -69,7 +69,9 @@ class RankTrainer:
         self.sampler = ElasticSampler(len(self.dataset), data.global_batch_size, data.seed,
                                       data.shuffle)
         ck = config.checkpoint
-        self.ckpt = CheckpointManager(ck.uri, keep_last=ck.keep_last, keep_every=ck.keep_every)
+        self.ckpt = CheckpointManager(ck.uri, keep_last=ck.keep_last, keep_every=ck.keep_every,
+                                      recycle_files=ck.recycle_files,
+                                      read_threads=ck.read_threads)
         self.restore_warnings: list[str] = []
         self._metric_names: list[str] | None = None
         self.current_step: int | None = None
