@@ -9,14 +9,18 @@ the same world size a resume is bit-identical. Gloo ranks on CPU, fp32, a tiny G
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections import Counter
 
 import pytest
 import torch
 
-from elastic_ckpt.train.local import run_ranks
+from elastic_ckpt import CheckpointManager
 from elastic_ckpt.data import ElasticSampler
-from train_jobs import Segment, run_segments, smallest_config, tiny_config
+from elastic_ckpt.storage import fs as storage_fs
+from elastic_ckpt.train.local import run_ranks
+from train_jobs import Segment, run_segments, smallest_config, tiny_config, with_fields
 
 pytestmark = pytest.mark.dist
 
@@ -152,6 +156,49 @@ def test_resize_2_3_1_matches_uninterrupted_and_same_size_resume_is_exact(tmp_pa
     params, ref_params = seg_d[0]["params"], ref[0]["params"]
     assert params.keys() == ref_params.keys()
     assert all(torch.equal(params[k], ref_params[k]) for k in ref_params)
+
+
+# -- 1a. async saves on: a resize while an interval save is still persisting -------------------
+def slow_persist_segments(rank: int, world_size: int, segments: list[Segment],
+                          delay_s: float) -> list[dict]:
+    """``run_segments`` with every background persist ``delay_s`` slower (per file closed)."""
+    original = storage_fs._LocalWriter.close
+
+    def close(self, durable: bool) -> None:
+        if threading.current_thread().name.startswith("elastic-ckpt-persist"):
+            time.sleep(delay_s)
+        original(self, durable)
+
+    storage_fs._LocalWriter.close = close
+    try:
+        return run_segments(rank, world_size, segments)
+    finally:
+        storage_fs._LocalWriter.close = original
+
+
+@pytest.mark.timeout(240)
+def test_resize_during_an_in_flight_async_save_loses_nothing(tmp_path):
+    steps = 8
+    ref_cfg = tiny_config(str(tmp_path / "ref"), max_steps=steps)
+    el_cfg = with_fields(tiny_config(str(tmp_path / "elastic"), max_steps=steps),
+                         checkpoint={"interval_steps": 1, "async_save": True})
+    first = run_ranks(2, slow_persist_segments, [Segment(ref_cfg), Segment(el_cfg, stop_at=4)],
+                      0.6)
+    ref, seg_a = _segment(first, 0), _segment(first, 1)
+    seg_b = _segment(run_ranks(3, run_segments, [Segment(el_cfg)]), 0)
+
+    for out in seg_a:  # step 3 was still persisting when the stop came at step 4
+        staged = [f["step"] for name, f in out["events"] if name == "checkpoint_staged"]
+        final = [f for name, f in out["events"] if name == "checkpoint" and f["step"] == 4]
+        assert staged == [1, 2, 3] and final and final[0]["async"] is False, out["events"]
+        assert final[0]["waited_s"] > 0.2, final  # the save in flight, committed first
+        assert (out["final_step"], out["stopped"], out["checkpoint_step"]) == (4, True, 4)
+    assert [(o["restored_step"], o["restored_from_world_size"]) for o in seg_b] == [(4, 2)] * 3
+    ref_rows, el_rows = _by_step([ref]), _by_step([seg_a, seg_b])
+    _assert_ledger_matches(el_rows, ref_rows, ref_cfg)
+    torch.testing.assert_close(_losses(el_rows), _losses(ref_rows), rtol=RTOL, atol=0)
+    committed = [i.step for i in CheckpointManager(el_cfg.checkpoint.uri).list()]
+    assert committed == list(range(1, steps + 1)), committed
 
 
 # -- 1b. a corrupt latest checkpoint: resume from the one before, bit-identically -------------

@@ -89,6 +89,7 @@ def run_segment(rank: int, world_size: int, seg: Segment) -> dict[str, Any]:
     built: list[torch.nn.Module] = []
     steps: list[Any] = []
     evals: list[Any] = []
+    events: list[tuple[str, dict[str, Any]]] = []
     restored: dict[str, Any] = {}
     position = {"step": 0}  # the last completed global step, as this run knows it
     build = seg.spec.model_fn or default_model(seg.config)[0]
@@ -100,6 +101,8 @@ def run_segment(rank: int, world_size: int, seg: Segment) -> dict[str, Any]:
         return model
 
     def on_event(name: str, fields: dict[str, Any]) -> None:
+        events.append((name, {k: fields[k] for k in ("step", "async", "waited_s")
+                              if k in fields}))
         if name == "restore":
             restored.update(fields)
             position["step"] = fields["step"]
@@ -126,6 +129,7 @@ def run_segment(rank: int, world_size: int, seg: Segment) -> dict[str, Any]:
         "steps": [(m.step, m.loss, tuple(m.sample_ids), m.world_size, m.samples, m.lr, m.lrs,
                    m.metrics) for m in steps],
         "evals": [(e.step, e.loss, e.metrics, e.samples) for e in evals],
+        "events": events,
         "fsdp_units": restored.get("fsdp_units"),
         "init_bytes_read": restored.get("init_bytes_read"),
         "model_bytes": restored.get("model_bytes"),
