@@ -1,5 +1,6 @@
-"""Shared helpers for the benchmarks: spawn gloo rank groups, time collectives, read I/O
-counters, drop the page cache, describe the machine and print markdown tables.
+"""Shared helpers for the benchmarks: spawn gloo rank groups, time collectives and named calls,
+read I/O counters, drop the page cache, describe the machine (``banner``, ``loadavg``) and print
+markdown tables. The model builders are in ``_models.py``, the trainer configs in ``_configs.py``.
 
 Self-contained on purpose (no import from ``tests/``): benchmarks must run from a checkout
 without the test tree on ``sys.path``.
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -41,6 +44,36 @@ def timed_collective(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+class PhaseTimers:
+    """Seconds spent in named calls, summed per key into ``totals``: ``wrap`` a callable, or
+    ``patch`` a class's method in place (once per process; the library code is not changed).
+    A call whose result has ``.wait()`` (a future) is timed until that returns."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    def wrap(self, key: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                out = fn(*args, **kwargs)
+                if hasattr(out, "wait"):
+                    out.wait()
+                return out
+            finally:
+                self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - start
+        wrapper.__wrapped__ = fn
+        return wrapper
+
+    def patch(self, cls: type, method: str, key: str) -> None:
+        """Time every call of ``cls.method`` under ``key`` (no-op if already patched)."""
+        if not hasattr(getattr(cls, method), "__wrapped__"):
+            setattr(cls, method, self.wrap(key, getattr(cls, method)))
+
+    def clear(self) -> None:
+        self.totals.clear()
 
 
 # -- I/O and the page cache ---------------------------------------------------------------------
@@ -108,6 +141,39 @@ def machine_info() -> dict[str, str]:
     return {"cores": str(os.cpu_count()), "cpu": cpu, "ram": ram,
             "python": platform.python_version(), "torch": torch.__version__,
             "os": platform.platform()}
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load average, e.g. ``1.52/1.80/2.01`` (``?`` where unavailable)."""
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except (OSError, AttributeError):
+        return "?"
+
+
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """How to re-run this: ``python <script, relative to the cwd> <args>`` (shell-quoted;
+    ``argv`` defaults to ``sys.argv[1:]``)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", shlex.quote(os.path.relpath(script))]
+                    + [shlex.quote(a) for a in args])
+
+
+def banner(script: str, argv: Sequence[str] | None = None, *, storage: str | None = None,
+           versions: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """Print the head every benchmark starts with: the command line, the machine (cores, CPU,
+    RAM, python, torch and ``versions``, OS), where ``storage`` lives (when given) and the load
+    average. Returns ``(command line, machine_info())`` for the report."""
+    cmd, info = command_line(script, argv), machine_info()
+    libs = {"python": info["python"], "torch": info["torch"], **(versions or {})}
+    print(f"command: {cmd}")
+    print(f"machine: {info['cores']} cores ({info['cpu']}), {info['ram']} RAM; "
+          + ", ".join(f"{k} {v}" for k, v in libs.items()) + f"; {info['os']}")
+    if storage is not None:
+        print(f"storage: {storage} on {disk_of(storage)}")
+    print(f"load average at start: {loadavg()} (other processes on this machine share its "
+          "cores and disk; timings include their noise)", flush=True)
+    return cmd, info
 
 
 def disk_of(path: str) -> str:

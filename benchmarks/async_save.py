@@ -40,8 +40,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import GB, machine_info, markdown_table, run_group  # noqa: E402
-from checkpoint import build, model_dims, train_step  # noqa: E402
+from _common import GB, banner, loadavg, markdown_table, run_group  # noqa: E402
+from _models import build, local_state_bytes, model_dims, train_step  # noqa: E402
 
 from elastic_ckpt.checkpoint import AppState, CheckpointManager  # noqa: E402
 
@@ -88,7 +88,7 @@ def _one(case: str, app: AppState, root: str, step: int, mgr: CheckpointManager,
 def phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     dims = model_dims(cfg["gb"])
     model, optimizer = build(world_size, dims, seed=0)
-    train_step(model, optimizer, dims["vocab"])
+    train_step(model, optimizer, dims)
     app = AppState(model, optimizer)
     root = cfg["dir"]
     mgrs = {case: CheckpointManager(os.path.join(root, case.replace(".", "_")), keep_last=2)
@@ -109,28 +109,8 @@ def phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
                 shutil.rmtree(old, ignore_errors=True)
     for mgr in mgrs.values():
         mgr.wait()
-    state_bytes = sum(t.numel() * t.element_size()
-                      for t in _local_tensors(app))
-    return {"runs": out, "state_bytes": state_bytes,
+    return {"runs": out, "state_bytes": local_state_bytes(app),
             "staging_bytes": mgrs["async_save"].staging_bytes}
-
-
-def _local_tensors(app: AppState) -> list[torch.Tensor]:
-    from torch.distributed.tensor import DTensor  # noqa: PLC0415
-
-    out = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, DTensor):
-            out.append(v.to_local())
-        elif isinstance(v, torch.Tensor):
-            out.append(v)
-
-    walk(app.state_dict())
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
     args = ap.parse_args(argv)
     sizes = args.gb or [0.4, 2.0]
-    info = machine_info()
-    print(" | ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    banner(__file__, argv, storage=args.dir or tempfile.gettempdir())
     rows = []
     for gb in sizes:
         root = tempfile.mkdtemp(prefix="async-bench-", dir=args.dir)
@@ -165,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{stall / sync:.3f}x", f"{state / done / GB:.2f}"])
         print(f"{gb} GB: staging holds {staging / GB:.2f} GB per rank "
               f"(rank state {max(r['state_bytes'] for r in results) / GB:.2f} GB)", flush=True)
-    print(f"\nW=2, medians of {args.repeats}; load average {os.getloadavg()[0]:.2f}\n")
+    print(f"\nW=2, medians of {args.repeats}; load average at end {loadavg()}\n")
     print(markdown_table(["state", "case", "stall s", "durable s", "stall / sync save",
                           "GB/s to durable"], rows))
     return 0

@@ -4,6 +4,7 @@
 python benchmarks/checkpoint.py                 # ~2 GB of model + optimizer state (default)
 python benchmarks/checkpoint.py --gb 0.2        # quick smoke run
 python benchmarks/checkpoint.py --repeats 3 --dir /mnt/nvme/bench
+python benchmarks/checkpoint.py --shape linear8  # 8 x Linear(2048, 2048), a fixed 0.40 GB
 ```
 
 Cases: save at W=2 and W=4; load 2->2, 2->3 (from the W=2 save) and 4->3 (from the W=4 save).
@@ -14,13 +15,19 @@ Both libraries save the same model (same seed, one AdamW step) through the same 
 * DCP: ``dcp.save({"app": AppState(...)}, storage_writer=FileSystemWriter(dir))`` /
   ``dcp.load(..., storage_reader=FileSystemReader(dir))`` with their default options.
 
+The model (``_models.py``): ``--shape blocks`` (default) is an embedding + 3 residual MLP
+blocks sized by ``--gb``, every dim odd and not a multiple of 3 (uneven shards at W=2, 3, 4),
+``fully_shard`` per block + root; ``--shape linear8`` is 8 x ``Linear(2048, 2048)`` (ReLUs
+between), ``fully_shard`` per Linear + root, a fixed 0.40 GB with AdamW state (``--gb`` is
+ignored).
+
 Each save world size and each load case runs in its own freshly spawned gloo group (1-D CPU
-mesh, ``fully_shard`` per block + root), both libraries back to back inside it so drifting
-background load hits both alike; their order alternates between cases and repeats. The page
-cache is dropped before every timed load when ``/proc/sys/vm/drop_caches`` is writable (cold
-reads for both; otherwise both read warm), and ``sync``ed before every timed save. Each group
-first does one untimed tiny save (or load) per library, so one-time costs (lazy imports, first
-planning) land in neither timed call. Before each timed load the model and optimizer state are
+mesh), both libraries back to back inside it so drifting background load hits both alike;
+their order alternates between cases and repeats. The page cache is dropped before every
+timed load when ``/proc/sys/vm/drop_caches`` is writable (cold reads for both; otherwise both
+read warm), and ``sync``ed before every timed save. Each group first does one untimed tiny
+save (or load) per library, so one-time costs (lazy imports, first planning) land in neither
+timed call. Before each timed load the model and optimizer state are
 overwritten with NaN.
 
 Reported per case: seconds (max over ranks, barrier-aligned start), CPU seconds (summed over
@@ -55,22 +62,31 @@ import torch.nn as nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     GB,
+    PhaseTimers,
+    banner,
     can_drop_page_cache,
     collective_drop_page_cache,
-    disk_of,
     fmt_bytes,
     io_delta,
-    machine_info,
+    loadavg,
     markdown_table,
     proc_io,
     run_group,
     timed_collective,
+)
+from _models import (  # noqa: E402
+    SHAPES,
+    build,
+    flatten_state,
+    local_state_bytes,
+    model_dims,
+    state_gb,
+    train_step,
 )
 
 ELASTIC, DCP = "elastic_ckpt", "dcp"
@@ -84,88 +100,7 @@ SAVE_TIE = 0.05
 MASK64 = (1 << 64) - 1
 
 
-# -- the model ----------------------------------------------------------------------------------
-def _odd_not3(n: int) -> int:
-    """Smallest m >= n that is odd and not a multiple of 3 (so shards are uneven at W=2,3,4)."""
-    n = max(n, 5)
-    while n % 2 == 0 or n % 3 == 0:
-        n += 1
-    return n
-
-
-def model_dims(gb: float) -> dict[str, int]:
-    """Sizes such that params + exp_avg + exp_avg_sq (fp32) ~= ``gb`` GB: 3 blocks of
-    Linear(h, f) + Linear(f, h) with f ~ 2h, and an Embedding(v ~ 2h, h): ~14 h^2 params.
-    All dims are odd and not multiples of 3 (uneven shards at every W)."""
-    params = gb * GB / 12
-    h = _odd_not3(int(math.sqrt(params / 14)))
-    ffn = _odd_not3(2 * h)
-    return {"hidden": h, "ffn": ffn, "vocab": _odd_not3(ffn + 6), "blocks": 3}
-
-
-class Block(nn.Module):
-    def __init__(self, hidden: int, ffn: int) -> None:
-        super().__init__()
-        self.up = nn.Linear(hidden, ffn)
-        self.down = nn.Linear(ffn, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(x)))
-
-
-class Net(nn.Module):
-    def __init__(self, hidden: int, ffn: int, vocab: int, blocks: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, hidden)
-        self.blocks = nn.ModuleList(Block(hidden, ffn) for _ in range(blocks))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
-def build(world_size: int, dims: dict[str, int], seed: int):
-    """FSDP2 model (meta init, then each rank fills its own shard) and its AdamW."""
-    mesh = init_device_mesh("cpu", (world_size,))
-    with torch.device("meta"):
-        model = Net(**dims)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed * 1000 + dist.get_rank())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            local = p.to_local() if isinstance(p, DTensor) else p
-            std = 1.0 if name.startswith("embed") else 1.0 / math.sqrt(p.shape[-1])
-            local.normal_(0.0, std if p.dim() > 1 else 0.02, generator=gen)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    return model, optimizer
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, vocab: int) -> None:
-    gen = torch.Generator().manual_seed(dist.get_rank())
-    tokens = torch.randint(0, vocab, (2, 8), generator=gen)
-    loss = model(tokens).pow(2).mean()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 # -- a layout-independent hash of the sharded state ---------------------------------------------
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
-    elif isinstance(value, (list, tuple)) and not isinstance(value, torch.Tensor):
-        for i, v in enumerate(value):
-            _flatten(v, f"{prefix}.{i}", out)
-    else:
-        out[prefix] = value
-
-
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _STEP_ELEMS = 1 << 22
 
@@ -188,8 +123,7 @@ def _hash_local(local: torch.Tensor, first_index: int) -> int:
 def state_hashes(app) -> dict[str, tuple[str, Any]]:
     """fqn -> ("sharded", this rank's share of the hash) | ("replicated", hash) |
     ("object", repr). The parent sums sharded shares over ranks."""
-    flat: dict[str, Any] = {}
-    _flatten(app.state_dict(), "", flat)
+    flat = flatten_state(app.state_dict())
     out: dict[str, tuple[str, Any]] = {}
     for fqn, value in flat.items():
         if isinstance(value, DTensor):
@@ -227,21 +161,7 @@ def compare_hashes(saved: dict[str, Any], loaded: dict[str, Any]) -> list[str]:
 
 
 # -- timing instrumentation (benchmark-local wrappers; the libraries are not modified) ----------
-_T: dict[str, float] = {}
-
-
-def _timed(key: str, fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            out = fn(*args, **kwargs)
-            if hasattr(out, "wait"):
-                out.wait()
-            return out
-        finally:
-            _T[key] = _T.get(key, 0.0) + time.perf_counter() - start
-    wrapper.__wrapped__ = fn
-    return wrapper
+TIMERS = PhaseTimers()
 
 
 def _install_timers() -> None:
@@ -254,18 +174,17 @@ def _install_timers() -> None:
                            (ShardWriter, "write_data", "io"),
                            (ShardWriter, "finish", "commit"),
                            (ShardReader, "read_data", "io")):
-        if not hasattr(getattr(cls, meth), "__wrapped__"):
-            setattr(cls, meth, _timed(key, getattr(cls, meth)))
+        TIMERS.patch(cls, meth, key)
 
 
 class TimedFileSystemWriter(FileSystemWriter):
     """``FileSystemWriter`` with default options; only times ``write_data`` and ``finish``."""
 
     def write_data(self, plan, planner):
-        return _timed("io", super().write_data)(plan, planner)
+        return TIMERS.wrap("io", super().write_data)(plan, planner)
 
     def finish(self, metadata, results):
-        return _timed("commit", super().finish)(metadata, results)
+        return TIMERS.wrap("commit", super().finish)(metadata, results)
 
 
 class CountingFileSystemReader(FileSystemReader):
@@ -286,7 +205,7 @@ class CountingFileSystemReader(FileSystemReader):
             self.bytes_read += self.storage_data[item.storage_index].length
             itemsize = tensor_md[item.storage_index.fqn].properties.dtype.itemsize
             self.bytes_needed += math.prod(item.lengths) * itemsize
-        return _timed("io", super().read_data)(plan, planner)
+        return TIMERS.wrap("io", super().read_data)(plan, planner)
 
 
 def _dir_bytes(path: str) -> int:
@@ -302,11 +221,10 @@ def save_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any
 
     _install_timers()
     model, optimizer = build(world_size, cfg["dims"], seed=1)
-    train_step(model, optimizer, cfg["dims"]["vocab"])
+    train_step(model, optimizer, cfg["dims"])
     app = AppState(model, optimizer)
     hashes = state_hashes(app) if cfg["verify"] else {}
-    local_bytes = sum(v.to_local().nbytes if isinstance(v, DTensor) else v.nbytes
-                      for v in _flat_tensors(app))
+    local_bytes = local_state_bytes(app)
     out: dict[str, Any] = {"hashes": hashes, "local_bytes": local_bytes, "libs": {}}
     _warm_up_saves(cfg["warmup_dir"])
     for lib in cfg["order"]:
@@ -315,7 +233,7 @@ def save_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any
         # 0.2 GB trial with drop_caches here, whichever library saved first after the drop
         # was ~0.3 s slower (re-reading ext4 metadata, presumably).
         dropped = collective_drop_page_cache(False)
-        _T.clear()
+        TIMERS.clear()
         cpu0 = time.process_time()
         if lib == ELASTIC:
             mgr = CheckpointManager(path, keep_last=1)
@@ -325,7 +243,7 @@ def save_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any
             seconds, _ = timed_collective(lambda: dcp.save({"app": app}, storage_writer=writer))
         cpu = time.process_time() - cpu0
         dist.barrier()
-        out["libs"][lib] = {"seconds": seconds, "cpu": cpu, "parts": dict(_T),
+        out["libs"][lib] = {"seconds": seconds, "cpu": cpu, "parts": dict(TIMERS.totals),
                             "dropped": dropped,
                             "disk_bytes": _dir_bytes(path) if rank == 0 else 0}
     return out
@@ -382,12 +300,6 @@ def raw_io_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, f
     return {"write": write_s, "read": read_s}
 
 
-def _flat_tensors(app) -> list[torch.Tensor]:
-    flat: dict[str, Any] = {}
-    _flatten(app.state_dict(), "", flat)
-    return [v for v in flat.values() if isinstance(v, torch.Tensor)]
-
-
 def load_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     """One load case: both libraries back to back in this group (order from ``cfg``), so a
     drift in background load hits both alike. Before each timed load the model and optimizer
@@ -404,7 +316,7 @@ def load_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any
         path = cfg["paths"][lib]
         _poison(model, optimizer)
         dropped = collective_drop_page_cache(cfg["drop"])
-        _T.clear()
+        TIMERS.clear()
         before, cpu0 = proc_io(), time.process_time()
         if lib == ELASTIC:
             mgr = CheckpointManager(path)
@@ -417,8 +329,8 @@ def load_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any
         cpu = time.process_time() - cpu0
         rchar = io_delta(before, proc_io()).get("rchar", 0)
         dist.barrier()
-        out[lib] = {"seconds": seconds, "cpu": cpu, "parts": dict(_T), "dropped": dropped,
-                    "bytes_read": read, "bytes_needed": needed, "rchar": rchar,
+        out[lib] = {"seconds": seconds, "cpu": cpu, "parts": dict(TIMERS.totals),
+                    "dropped": dropped, "bytes_read": read, "bytes_needed": needed, "rchar": rchar,
                     "hashes": state_hashes(app) if cfg["verify"] else {}}
     return out
 
@@ -456,7 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=2.0,
-                    help="GB of model + AdamW state in total (default 2.0; 0.2 = quick)")
+                    help="GB of model + AdamW state in total (default 2.0; 0.2 = quick); "
+                         "--shape blocks only")
+    ap.add_argument("--shape", choices=SHAPES, default="blocks",
+                    help="blocks (default): embedding + 3 MLP blocks sized by --gb, "
+                         "fully_shard per block + root; linear8: 8 x Linear(2048, 2048), "
+                         "fully_shard per Linear + root, a fixed 0.40 GB (--gb is ignored)")
     ap.add_argument("--dir", default=None,
                     help="parent directory for the checkpoints (default: a temp dir under "
                          "the repo's parent, else /tmp); removed afterwards")
@@ -467,21 +384,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints on disk")
     args = ap.parse_args(argv)
 
-    dims = model_dims(args.gb)
+    dims = model_dims(args.gb, args.shape)
+    # The state's size: as asked for blocks (dims are rounded to it), fixed for linear8.
+    gb = args.gb if args.shape == "blocks" else state_gb(dims)
+    size = f"{gb:g} GB" if args.shape == "blocks" else f"{gb:.2f} GB"
+    state = f"{size} of FSDP2 model + AdamW state" + (
+        "" if args.shape == "blocks" else f" ({args.shape}: a fixed size, --gb ignored)")
     drop = (not args.no_drop_cache) and can_drop_page_cache()
     parent = args.dir or _default_dir()
     os.makedirs(parent, exist_ok=True)
     root = tempfile.mkdtemp(prefix="ckpt-bench-", dir=parent)
-    info = machine_info()
-    cmd = " ".join(["python", os.path.relpath(__file__)]
-                   + (sys.argv[1:] if argv is None else list(argv)))
-    print(f"command: {cmd}")
-    print(f"machine: {info['cores']} cores ({info['cpu']}), {info['ram']} RAM; "
-          f"python {info['python']}, torch {info['torch']}; {info['os']}")
-    print(f"storage: {root} on {disk_of(root)}")
-    print(f"load average at start: {_loadavg()} (other processes on this machine share its "
-          "cores and disk; timings include their noise)")
-    print(f"model: {dims}; page cache dropped before each timed load: "
+    cmd, info = banner(__file__, argv, storage=root)
+    print(f"model: {dims}; {state}; page cache dropped before each timed load: "
           f"{'yes' if drop else 'NO (reads are warm-cache for both libraries)'}; "
           "before each timed save: sync only")
     print(flush=True)
@@ -495,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     raw: list[dict[str, float]] = []
 
     def raw_io(when: str) -> None:
-        nbytes = int(args.gb * GB)
+        nbytes = int(gb * GB)
         res = run_group(2, raw_io_phase, {"dir": root, "bytes": nbytes, "drop": drop})
         w, r = max(x["write"] for x in res), max(x["read"] for x in res)
         raw.append({"when": when, "bytes": nbytes, "write": w, "read": r})
@@ -526,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[rep {rep}] save W={w} ({' then '.join(order)}): "
                       + ", ".join(f"{lib} {saves[(w, lib)][-1]['seconds']:.2f}s "
                                   f"(cpu {saves[(w, lib)][-1]['cpu']:.2f}s)" for lib in order)
-                      + f"  (group {time.perf_counter() - t0:.0f}s, load avg {_loadavg()})",
+                      + f"  (group {time.perf_counter() - t0:.0f}s, load avg {loadavg()})",
                       flush=True)
             for i, (w_from, w_to) in enumerate(LOAD_CASES):
                 order = LIBS if (rep + i) % 2 == 0 else LIBS[::-1]
@@ -557,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"read {fmt_bytes(summary['bytes_read'])} for "
                                 f"{fmt_bytes(summary['bytes_needed'])}, {status}")
                 print(f"[rep {rep}] load {w_from}->{w_to}: " + "; ".join(line)
-                      + f"  (group {time.perf_counter() - t0:.0f}s, load avg {_loadavg()})",
+                      + f"  (group {time.perf_counter() - t0:.0f}s, load avg {loadavg()})",
                       flush=True)
             if not args.keep:
                 shutil.rmtree(rep_dir, ignore_errors=True)
@@ -567,19 +481,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     print(f"\nall phases: {time.perf_counter() - started:.0f}s wall; load average at end: "
-          f"{_loadavg()}\n")
-    _report(args, dims, drop, saves, loads, total_bytes, info, cmd, raw)
+          f"{loadavg()}\n")
+    _report(args, state, dims, drop, saves, loads, total_bytes, info, cmd, raw)
     if failures:
         print("\nFAILED: " + "; ".join(failures))
         return 1
     return 0
-
-
-def _loadavg() -> str:
-    try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def _summarize(per_rank: list[dict]) -> dict[str, Any]:
@@ -597,7 +504,7 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def _report(args, dims, drop, saves, loads, total_bytes, info, cmd, raw) -> None:
+def _report(args, state, dims, drop, saves, loads, total_bytes, info, cmd, raw) -> None:
     rows, detail = [], []
     for w in SAVE_WORLDS:
         e, d = _median(saves[(w, ELASTIC)], "seconds"), _median(saves[(w, DCP)], "seconds")
@@ -636,7 +543,7 @@ def _report(args, dims, drop, saves, loads, total_bytes, info, cmd, raw) -> None
     headers = ["case", "elastic_ckpt s", "DCP s", "elastic GB/s", "DCP GB/s",
                "elastic read amp", "DCP read amp", "elastic/DCP time", "disk floor/DCP",
                "target met"]
-    print(f"## Checkpoint benchmark: {args.gb:g} GB of FSDP2 model + AdamW state\n")
+    print(f"## Checkpoint benchmark: {state}\n")
     print(f"`{cmd}` — {info['cores']} cores ({info['cpu']}), {info['ram']} RAM, "
           f"torch {info['torch']}, gloo, 1-D CPU mesh. Model {dims}; "
           f"{fmt_bytes(total_bytes[2])} of tensors. "

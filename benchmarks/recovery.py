@@ -64,7 +64,6 @@ os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import shlex  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -73,7 +72,8 @@ import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, markdown_table  # noqa: E402
+from _common import banner, loadavg, markdown_table  # noqa: E402
+from _configs import add_model_flags, train_config  # noqa: E402
 
 SYSTEMS = ("elastic_ckpt", "ray_train")
 WAIT_TIMEOUT_S = 240.0
@@ -81,20 +81,13 @@ WAIT_TIMEOUT_S = 240.0
 
 # -- config shared by both systems ----------------------------------------------------------------
 def make_config(o: argparse.Namespace, workdir: str):
-    from elastic_ckpt.config import TrainConfig
-
-    return TrainConfig(
+    return train_config(
+        o, seed=0,
         max_steps=o.steps,
-        seed=0,
         scaling={"min_workers": 1, "max_workers": o.nodes + 1, "cooldown_s": o.cooldown_s},
         checkpoint={"uri": os.path.join(workdir, "ckpt"), "interval_steps": o.ckpt_interval,
                     "keep_last": 3},
         run_dir=os.path.join(workdir, "run"),
-        data={"global_batch_size": o.global_batch, "micro_batch_size": o.micro_batch,
-              "dataset": {"num_samples": o.num_samples, "seq_len": o.seq_len,
-                          "vocab_size": o.vocab}},
-        model={"vocab_size": o.vocab, "d_model": o.d_model, "n_layers": o.n_layers,
-               "n_heads": o.n_heads, "max_seq_len": o.seq_len},
     )
 
 
@@ -147,9 +140,7 @@ class ElasticRun:
 # -- Ray Train v2 ---------------------------------------------------------------------------------
 def ray_train_loop(loop_config: dict) -> None:
     """Ray Train worker function: the same step as ``RankTrainer`` (sample-weighted micro-batches
-    over ``ElasticSampler``), DCP checkpoints through ``ray.train.report``."""
-    import math
-
+    over ``ElasticSampler.step_passes``), DCP checkpoints through ``ray.train.report``."""
     import ray.train
     import torch
     import torch.distributed as dist
@@ -195,16 +186,12 @@ def ray_train_loop(loop_config: dict) -> None:
     log({"kind": "start", "world_size": world, "restored": step if checkpoint else None,
          "t_enter": t_enter, "t_built": t_built, "t_restored": time.time()})
 
-    n_passes = math.ceil(math.ceil(d.global_batch_size / world) / d.micro_batch_size)
-    scale = world / d.global_batch_size
+    scale = sampler.loss_scale(world)
     while step < loop_config["max_steps"]:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, o, cfg.max_steps)
-        micro = sampler.micro_batches(step, rank, world, d.micro_batch_size)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for i in range(n_passes):
-            ids, weight = ((micro[i], len(micro[i])) if i < len(micro)
-                           else (sampler.global_batch(step)[:1], 0))
+        for ids, weight in sampler.step_passes(step, rank, world, d.micro_batch_size):
             loss = lm_loss(model, collate(fetch(dataset, ids)))
             (loss * (weight * scale)).backward()
             loss_sum += loss.detach().double() * weight
@@ -605,14 +592,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also call ray.train.report(metrics) on steps without a checkpoint "
                         "(Ray's controller drains reports every 2 s through a queue of one, "
                         "which throttles the loop)")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--num-samples", type=int, default=2048)
+    add_model_flags(p, global_batch=16, micro_batch=4, num_samples=2048)
     p.add_argument("--retries", type=int, default=2,
                    help="re-run a system whose run failed (e.g. its cluster was killed) (2)")
     p.add_argument("--dir", default=None, help="parent of the per-run work dirs (default: tmp)")
@@ -627,18 +607,13 @@ def main(argv: list[str] | None = None) -> int:
     if o.order == "ray-first":
         systems.reverse()
     import ray
-    import torch
 
     from elastic_ckpt.train import build_gpt
 
     cfg = make_config(o, "/tmp/unused")
     n_params = build_gpt(cfg.model).num_params()
-    print("$ python " + " ".join(shlex.quote(a) for a in sys.argv))
-    info = machine_info()
-    print(f"machine: {info['cores']} cores ({info['cpu']}), {info['ram']}, "
-          f"torch {torch.__version__}, ray {ray.__version__}, "
-          f"load avg {os.getloadavg()[0]:.1f}")
-    print(f"model: GPT {o.n_layers}x{o.d_model}, vocab {o.vocab}, seq {o.seq_len}, "
+    banner(__file__, argv, versions={"ray": ray.__version__})
+    print(f"model: GPT {o.layers}x{o.d_model}, vocab {o.vocab}, seq {o.seq_len}, "
           f"{n_params:,} params; global batch {o.global_batch}, micro-batch {o.micro_batch}; "
           f"checkpoint every {o.ckpt_interval} steps; node loss at step {o.fail_at_step} "
           f"({o.kill}); nodes added {o.settle_s:.0f} s after recovery; "
@@ -649,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     results = {name: run_system(name, o) for name in systems}
     report(results, o)
-    print(f"\nwall time {time.time() - t0:.0f} s, load avg at end {os.getloadavg()[0]:.1f}")
+    print(f"\nwall time {time.time() - t0:.0f} s, load average at end {loadavg()}")
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

@@ -25,10 +25,12 @@ clipping (when the config has it):
 * elastic: ``RankTrainer(cfg, ...).run()`` with checkpoints off (``interval_steps=None``,
   ``save_on_finish=False``, a temporary ``checkpoint.uri`` that stays empty).
 * plain: what a careful user writes by hand: ``fully_shard`` each block and the root, AdamW,
-  per micro-batch ``(loss * samples_in_micro * W / B).backward()`` (FSDP averages over ranks, so
-  this makes the gradient the mean over the global batch), ``clip_grad_norm_``,
-  ``optimizer.step()``, ``zero_grad(set_to_none=True)``, then one blocking ``all_reduce`` of the
-  summed loss and ``.item()`` to report it.
+  per pass of ``ElasticSampler.step_passes`` (the rank's micro-batches, then zero-weight filler
+  passes so every rank runs as many) ``(loss * weight * sampler.loss_scale(W)).backward()``
+  (``W / B``: FSDP averages over ranks, so this makes the gradient the mean over the global
+  batch), ``clip_grad_norm_``, ``optimizer.step()``, ``zero_grad(set_to_none=True)``, then one
+  blocking ``all_reduce`` of the summed loss and ``.item()`` to report it. The step arithmetic
+  (passes, filler, loss scale) is the library's, the same RankTrainer uses.
 
 Step time is measured the same way for both on rank 0: the wall time from the end of one step
 to the end of the next (for the elastic loop, up to the ``on_step`` hook call, so anything
@@ -54,7 +56,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -66,7 +67,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, markdown_table, run_group  # noqa: E402
+from _common import banner, loadavg, markdown_table, run_group  # noqa: E402
+from _configs import add_model_flags, train_config  # noqa: E402
 
 LOOPS = ("elastic", "plain")
 MODES = {
@@ -77,28 +79,12 @@ MODES = {
 
 
 # -- config -------------------------------------------------------------------------------------
-def _llama_fields(o: argparse.Namespace) -> dict:
-    return {"model_type": "llama", "vocab_size": o.vocab, "hidden_size": o.d_model,
-            "intermediate_size": 4 * o.d_model, "num_hidden_layers": o.layers,
-            "num_attention_heads": o.heads, "num_key_value_heads": o.heads,
-            "max_position_embeddings": o.seq_len, "tie_word_embeddings": False}
-
-
 def _config(o: argparse.Namespace, uri: str):
-    from elastic_ckpt.config import TrainConfig
-
-    model = ({"kind": "hf", "config": _llama_fields(o)} if o.model == "hf" else
-             {"vocab_size": o.vocab, "d_model": o.d_model, "n_layers": o.layers,
-              "n_heads": o.heads, "max_seq_len": o.seq_len})
-    return TrainConfig(
+    """Both loops' config: the flags' model and data, checkpoints off (``uri`` stays empty)."""
+    return train_config(
+        o, seed=o.seed, kind=o.model,
         max_steps=o.warmup + o.steps,
-        seed=o.seed,
         checkpoint={"uri": uri, "interval_steps": None, "save_on_finish": False},
-        data={"global_batch_size": o.global_batch, "micro_batch_size": o.micro_batch,
-              "seed": o.seed,
-              "dataset": {"num_samples": o.num_samples, "seq_len": o.seq_len,
-                          "vocab_size": o.vocab}},
-        model=model,
         optim={"grad_clip_norm": o.grad_clip},
     )
 
@@ -202,9 +188,6 @@ class PlainLoop:
         self.dataset = _dataset(cfg)
         d = cfg.data
         self.sampler = ElasticSampler(len(self.dataset), d.global_batch_size, d.seed, d.shuffle)
-        # Every rank must run the same number of forward/backward passes (each all-gathers).
-        self.n_passes = math.ceil(math.ceil(d.global_batch_size / world_size)
-                                  / d.micro_batch_size)
 
     def step(self, step: int) -> float:
         from torch.utils.data import default_collate
@@ -216,16 +199,15 @@ class PlainLoop:
         lr = lr_at(step, o, cfg.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro = self.sampler.micro_batches(step, self.rank, W, d.micro_batch_size)
+        # Every rank runs the same number of passes (each all-gathers); a rank with a smaller
+        # share ends with zero-weight ones. Scale W / B: FSDP averages over ranks.
+        passes = self.sampler.step_passes(step, self.rank, W, d.micro_batch_size)
+        scale = self.sampler.loss_scale(W)
         loss_sum = torch.zeros(())
-        for i in range(self.n_passes):
-            if i < len(micro):
-                ids, n = micro[i], len(micro[i])
-            else:  # a rank with a smaller share: a zero-weight pass keeps collectives matched
-                ids, n = self.sampler.global_batch(step)[:1], 0
+        for ids, n in passes:
             batch = default_collate([self.dataset[int(j)] for j in ids])
             loss = self.loss_fn(self.model, batch)
-            (loss * (n * W / B)).backward()  # FSDP averages over ranks: mean over global batch
+            (loss * (n * scale)).backward()
             loss_sum += loss.detach() * n
         if o.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip_norm)
@@ -356,13 +338,6 @@ def _max_rel(a: list[float], b: list[float]) -> float:
     return max((abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a, b)), default=0.0)
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world-size", type=int, default=2)
@@ -371,14 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--units", choices=("default", "blocks"), default="default",
                    help="FSDP units of both loops: default_parallelize's (blocks, embedding, "
                         "head, root) or blocks and root only (elastic through a parallelize_fn)")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--global-batch", type=int, default=32)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--num-samples", type=int, default=4096)
+    add_model_flags(p, global_batch=32, micro_batch=8, num_samples=4096)
     p.add_argument("--grad-clip", type=float, default=1.0,
                    help="grad_clip_norm in the config (<= 0: no clipping)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per loop and repeat")
@@ -399,18 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--warmup, --steps and --repeats must be >= 1")
     o.grad_clip = o.grad_clip if o.grad_clip > 0 else None
 
-    mi = machine_info()
     threads = o.threads or max(1, (os.cpu_count() or 1) // o.world_size)
-    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     tokens_per_step = o.global_batch * o.seq_len
     params = math.nan
     try:
         params = sum(p.numel() for p in build_model(_config(o, "/nonexistent")).parameters())
     except Exception:  # noqa: BLE001 -- informational only
         pass
-    print(f"command: {cmd}")
-    print(f"machine: {mi['cores']} cores ({mi['cpu']}), {mi['ram']} RAM, torch {mi['torch']}, "
-          f"python {mi['python']}; load avg at start {_loadavg()}")
+    banner(__file__, argv)
     name = "GPT" if o.model == "gpt" else "HF LlamaForCausalLM"
     print(f"setup: {o.world_size} gloo ranks x {threads} thread(s), {name} d_model={o.d_model} "
           f"layers={o.layers} heads={o.heads} vocab={o.vocab} seq={o.seq_len} "
@@ -513,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
               f"full model {m['full'] / 1e6:.2f} MB, full/W + 2 blocks {budget / 1e6:.2f} MB "
               f"(ratio {m['peak'] / budget:.2f}; "
               + ("below" if m["peak"] < budget else "ABOVE") + " the budget)")
-    print(f"load avg at end {_loadavg()}")
+    print(f"load average at end {loadavg()}")
     return 0 if same else 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import numpy as np
@@ -103,6 +104,32 @@ def test_micro_batches_concatenate_to_local_batch(mbs):
                 assert all(len(m) == mbs for m in micro[:-1])
                 joined = np.concatenate(micro) if micro else np.empty(0, np.int64)
                 np.testing.assert_array_equal(joined, local)
+
+
+@pytest.mark.parametrize("b,w,mbs",
+                         [(10, 3, 2), (7, 4, 1), (3, 5, 2), (22, 4, 100), (8, 2, 4)])
+def test_step_passes_equal_counts_zero_weight_filler_cover_batch_once(b, w, mbs):
+    s = ElasticSampler(37, b, seed=5)
+    for step in (0, 3, 4):  # 37 / b: some of these straddle an epoch boundary
+        per_rank = [s.step_passes(step, r, w, mbs) for r in range(w)]
+        counts = {len(p) for p in per_rank}
+        assert counts == {math.ceil(math.ceil(b / w) / mbs)}  # one count for every rank
+        real = []
+        for r, passes in enumerate(per_rank):
+            micro = s.micro_batches(step, r, w, mbs)
+            for i, (ids, weight) in enumerate(passes):
+                if i < len(micro):  # the rank's micro-batches, in order, weighted by size
+                    np.testing.assert_array_equal(ids, micro[i])
+                    assert weight == len(ids) > 0
+                    real.append(ids)
+                else:  # then fillers: one id of this step, weight 0
+                    np.testing.assert_array_equal(ids, s.global_batch(step)[:1])
+                    assert weight == 0
+        np.testing.assert_array_equal(np.concatenate(real), s.global_batch(step))
+        assert sum(wt for p in per_rank for _, wt in p) == b
+    assert s.loss_scale(w) == w / b
+    with pytest.raises(ConfigError, match="world_size"):
+        s.loss_scale(0)
 
 
 def test_state_dict_round_trip_and_mismatch():

@@ -19,6 +19,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from elastic_ckpt.data.eval_split import forward_passes
 from elastic_ckpt.errors import ConfigError
 
 # Two epochs are enough for every batch that straddles one boundary (B <= num_samples);
@@ -185,6 +186,32 @@ class ElasticSampler:
         micro_batch_size = _as_int("micro_batch_size", micro_batch_size, minimum=1)
         local = self.local_batch(step, rank, world_size)
         return [local[i : i + micro_batch_size] for i in range(0, len(local), micro_batch_size)]
+
+    # -- one training step -----------------------------------------------------------------
+    def step_passes(
+        self, step: int, rank: int, world_size: int, micro_batch_size: int
+    ) -> list[tuple[np.ndarray, int]]:
+        """``rank``'s forward/backward passes of global step ``step``: ``(ids, weight)`` in
+        order, ``weight`` being the samples that count (``len(ids)``).
+
+        Every rank gets the same number of passes, ``forward_passes(global_batch_size,
+        world_size, micro_batch_size)``: FSDP all-gathers in each, so a rank with a smaller
+        share runs filler passes after its :meth:`micro_batches`, each ``(first id of the
+        global batch, 0)``: run them like the others, their weight makes them count nothing.
+        Multiply each pass's loss by ``weight * loss_scale(world_size)`` before ``backward``.
+        """
+        micro = self.micro_batches(step, rank, world_size, micro_batch_size)
+        n_passes = forward_passes(self.global_batch_size, world_size, micro_batch_size)
+        filler = self.global_batch(step)[:1]
+        return [(micro[i], len(micro[i])) if i < len(micro) else (filler, 0)
+                for i in range(n_passes)]
+
+    def loss_scale(self, world_size: int) -> float:
+        """``world_size / global_batch_size``: a pass's loss times ``weight * loss_scale``
+        makes the gradient the mean over the global batch, once FSDP has averaged the ranks'
+        gradients (a mean over ranks, hence the ``world_size``)."""
+        world_size = _as_int("world_size", world_size, minimum=1)
+        return world_size / self.global_batch_size
 
     # -- checkpoint metadata ----------------------------------------------------------------
     def state_dict(self) -> dict[str, int | bool]:

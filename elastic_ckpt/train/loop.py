@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from elastic_ckpt.checkpoint import AppState, CheckpointInfo, CheckpointManager
 from elastic_ckpt.config import OptimConfig
-from elastic_ckpt.data import ElasticSampler, collate, forward_passes
+from elastic_ckpt.data import ElasticSampler, collate
 from elastic_ckpt.checkpoint.async_save import SaveHandle
 from elastic_ckpt.errors import (
     CheckpointNotFoundError,
@@ -343,15 +343,12 @@ class RankTrainer:
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
         local_ids = self.sampler.local_batch(step, self.rank, w)
-        micro = self.sampler.micro_batches(step, self.rank, w, cfg.data.micro_batch_size)
         # Every rank runs the same number of forward/backward passes (FSDP all-gathers in
         # each); ranks with fewer samples pad with zero-weight passes.
-        n_passes = forward_passes(cfg.data.global_batch_size, w, cfg.data.micro_batch_size)
-        filler = self.sampler.global_batch(step)[:1]
-        scale = w / cfg.data.global_batch_size  # FSDP averages over ranks; undo, then / B
+        passes = self.sampler.step_passes(step, self.rank, w, cfg.data.micro_batch_size)
+        scale = self.sampler.loss_scale(w)  # FSDP averages over ranks; undo, then / B
         sums = WeightedSums(self.device)
-        for i in range(n_passes):
-            ids, weight = (micro[i], len(micro[i])) if i < len(micro) else (filler, 0)
+        for ids, weight in passes:
             batch = load_batch(self.dataset, ids, self.collate_fn, self.device)
             loss, extra = split_loss(self.loss_fn(model, batch))
             (loss * (weight * scale)).backward()
