@@ -64,6 +64,8 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
+from elastic_ckpt.checkpoint.manifest import step_dirname
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     GB,
@@ -96,6 +98,10 @@ LOAD_CASES = ((2, 2), (2, 3), (4, 3))
 TARGET_LOAD_RATIO = 0.6
 TARGET_AMP = 1.01
 SAVE_TIE = 0.05
+STEADY_FROM = 2
+"""Saves from this index on are "steady": elastic_ckpt overwrites recycled files."""
+TARGET_STEADY_SAVE = 0.5
+"""Issue 10: a steady save <= 0.5x DCP's, DCP writing a new directory per step."""
 """Saves are disk-bound: a difference under 5% is reported as a tie, not a miss."""
 MASK64 = (1 << 64) - 1
 
@@ -227,25 +233,35 @@ def save_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any
     local_bytes = local_state_bytes(app)
     out: dict[str, Any] = {"hashes": hashes, "local_bytes": local_bytes, "libs": {}}
     _warm_up_saves(cfg["warmup_dir"])
-    for lib in cfg["order"]:
-        path = cfg["paths"][lib]
-        # Saves read nothing: flush dirty pages but keep the filesystem metadata cached. In a
-        # 0.2 GB trial with drop_caches here, whichever library saved first after the drop
-        # was ~0.3 s slower (re-reading ext4 metadata, presumably).
-        dropped = collective_drop_page_cache(False)
-        TIMERS.clear()
-        cpu0 = time.process_time()
-        if lib == ELASTIC:
-            mgr = CheckpointManager(path, keep_last=1)
-            seconds, _ = timed_collective(lambda: mgr.save(1, {"app": app}))
-        else:
-            writer = TimedFileSystemWriter(path)
-            seconds, _ = timed_collective(lambda: dcp.save({"app": app}, storage_writer=writer))
-        cpu = time.process_time() - cpu0
-        dist.barrier()
-        out["libs"][lib] = {"seconds": seconds, "cpu": cpu, "parts": dict(TIMERS.totals),
-                            "dropped": dropped,
-                            "disk_bytes": _dir_bytes(path) if rank == 0 else 0}
+    mgrs = {ELASTIC: CheckpointManager(cfg["paths"][ELASTIC], keep_last=1)}
+    for lib in LIBS:
+        out["libs"][lib] = []
+    for i in range(cfg["saves"]):
+        step = i + 1
+        for lib in (cfg["order"] if i % 2 == 0 else cfg["order"][::-1]):
+            path = cfg["paths"][lib]
+            # Saves read nothing: flush dirty pages but keep the filesystem metadata cached.
+            # In a 0.2 GB trial with drop_caches here, whichever library saved first after
+            # the drop was ~0.3 s slower (re-reading ext4 metadata, presumably).
+            dropped = collective_drop_page_cache(False)
+            TIMERS.clear()
+            cpu0 = time.process_time()
+            if lib == ELASTIC:  # keep_last=1: from the third save on, files are recycled
+                seconds, _ = timed_collective(lambda: mgrs[ELASTIC].save(step, {"app": app}))
+                where = os.path.join(path, step_dirname(step))  # not the recycle pool
+            else:  # a new directory per step; the one before is removed (untimed)
+                where = os.path.join(path, f"step-{step}")
+                writer = TimedFileSystemWriter(where)
+                seconds, _ = timed_collective(lambda: dcp.save({"app": app},
+                                                               storage_writer=writer))
+            cpu = time.process_time() - cpu0
+            dist.barrier()
+            if lib == DCP and rank == 0:
+                shutil.rmtree(os.path.join(path, f"step-{step - 1}"), ignore_errors=True)
+            out["libs"][lib].append({"seconds": seconds, "cpu": cpu,
+                                     "parts": dict(TIMERS.totals), "dropped": dropped,
+                                     "disk_bytes": _dir_bytes(where) if rank == 0 else 0})
+            dist.barrier()
     return out
 
 
@@ -263,17 +279,18 @@ def _warm_up_saves(directory: str) -> None:
 
 
 def raw_io_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, float]:
-    """The disk's ceiling for this run: each rank writes ``bytes / W`` to its own file with
-    plain ``os.write`` (64 MiB buffers) + ``fsync``, then (page cache dropped) reads it back
-    with 64 MiB ``preadv``s."""
+    """The disk's ceiling for this run: each rank writes ``bytes / W`` to a new file of its
+    own with plain ``os.write`` (64 MiB buffers) + ``fsync``, then overwrites the same file in
+    place (no truncate: its blocks are allocated) + ``fsync``, then (page cache dropped) reads
+    it back with 64 MiB ``preadv``s."""
     path = os.path.join(cfg["dir"], f"raw-{rank}.bin")
     nbytes = cfg["bytes"] // world_size
     block = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(rank)).numpy()
     view = memoryview(block)
 
-    def write() -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    def write(flags: int = os.O_TRUNC) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o644)
         try:
             left = nbytes
             while left:
@@ -293,11 +310,13 @@ def raw_io_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, f
 
     collective_drop_page_cache(False)
     write_s, _ = timed_collective(write)
+    collective_drop_page_cache(False)
+    overwrite_s, _ = timed_collective(lambda: write(0))  # the same, allocated, blocks again
     collective_drop_page_cache(cfg["drop"])
     read_s, _ = timed_collective(read)
     dist.barrier()
     os.remove(path)
-    return {"write": write_s, "read": read_s}
+    return {"write": write_s, "overwrite": overwrite_s, "read": read_s}
 
 
 def load_phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -382,7 +401,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not drop the page cache before timed phases")
     ap.add_argument("--no-verify", action="store_true", help="skip the state hash check")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints on disk")
+    ap.add_argument("--saves", type=int, default=4,
+                    help=f"saves per library per world size (default 4, at least "
+                         f"{STEADY_FROM + 1}): the first writes new files; elastic_ckpt "
+                         "(keep_last=1) recycles from the third on, DCP writes a new "
+                         "directory each time")
+    ap.add_argument("--async-gb", type=float, action="append",
+                    help="state sizes of the async sections (repeatable; default 0.4 and 2)")
+    ap.add_argument("--no-async", action="store_true",
+                    help="skip the async sections (stall vs sync save and dcp.async_save; "
+                         "training steps/s with async saves every K steps)")
     args = ap.parse_args(argv)
+    if args.saves <= STEADY_FROM:
+        ap.error(f"--saves must be at least {STEADY_FROM + 1}")
 
     dims = model_dims(args.gb, args.shape)
     # The state's size: as asked for blocks (dims are rounded to it), fixed for linear8.
@@ -411,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     def raw_io(when: str) -> None:
         nbytes = int(gb * GB)
         res = run_group(2, raw_io_phase, {"dir": root, "bytes": nbytes, "drop": drop})
-        w, r = max(x["write"] for x in res), max(x["read"] for x in res)
-        raw.append({"when": when, "bytes": nbytes, "write": w, "read": r})
-        print(f"raw sequential I/O ({when}), 2 ranks x {fmt_bytes(nbytes / 2)}: write+fsync "
-              f"{w:.2f}s ({nbytes / w / GB:.2f} GB/s), {'cold ' if drop else ''}read "
+        w, o, r = (max(x[k] for x in res) for k in ("write", "overwrite", "read"))
+        raw.append({"when": when, "bytes": nbytes, "write": w, "overwrite": o, "read": r})
+        print(f"raw sequential I/O ({when}), 2 ranks x {fmt_bytes(nbytes / 2)}: new file "
+              f"write+fsync {w:.2f}s ({nbytes / w / GB:.2f} GB/s), overwrite in place+fsync "
+              f"{o:.2f}s ({nbytes / o / GB:.2f} GB/s), {'cold ' if drop else ''}read "
               f"{r:.2f}s ({nbytes / r / GB:.2f} GB/s)", flush=True)
 
     try:
@@ -426,26 +458,32 @@ def main(argv: list[str] | None = None) -> int:
             for i, w in enumerate(SAVE_WORLDS):
                 order = LIBS if (rep + i) % 2 == 0 else LIBS[::-1]
                 cfg = {"dims": dims, "verify": not args.no_verify, "drop": drop, "order": order,
-                       "paths": {lib: paths[(w, lib)] for lib in LIBS},
+                       "paths": {lib: paths[(w, lib)] for lib in LIBS}, "saves": args.saves,
                        "warmup_dir": os.path.join(rep_dir, f"warmup-w{w}")}
                 t0 = time.perf_counter()
                 res = run_group(w, save_phase, cfg)
                 total_bytes[w] = sum(r["local_bytes"] for r in res)
                 for lib in order:
-                    per_rank = [r["libs"][lib] for r in res]
-                    saves.setdefault((w, lib), []).append(_summarize(per_rank))
-                    saves[(w, lib)][-1]["disk_bytes"] = per_rank[0]["disk_bytes"]
+                    for i in range(args.saves):
+                        per_rank = [r["libs"][lib][i] for r in res]
+                        kind = "first" if i == 0 else "steady" if i >= STEADY_FROM else None
+                        if kind is None:
+                            continue
+                        saves.setdefault((w, lib, kind), []).append(_summarize(per_rank))
+                        saves[(w, lib, kind)][-1]["disk_bytes"] = per_rank[0]["disk_bytes"]
                     if not args.no_verify:
                         saved_hashes[(w, lib)] = combine_hashes([r["hashes"] for r in res])
-                print(f"[rep {rep}] save W={w} ({' then '.join(order)}): "
-                      + ", ".join(f"{lib} {saves[(w, lib)][-1]['seconds']:.2f}s "
-                                  f"(cpu {saves[(w, lib)][-1]['cpu']:.2f}s)" for lib in order)
+                print(f"[rep {rep}] {args.saves} saves W={w}: " + ", ".join(
+                    f"{lib} " + " ".join(f"{max(r['libs'][lib][i]['seconds'] for r in res):.2f}"
+                                         for i in range(args.saves)) + "s" for lib in order)
                       + f"  (group {time.perf_counter() - t0:.0f}s, load avg {loadavg()})",
                       flush=True)
             for i, (w_from, w_to) in enumerate(LOAD_CASES):
                 order = LIBS if (rep + i) % 2 == 0 else LIBS[::-1]
                 cfg = {"dims": dims, "verify": not args.no_verify, "drop": drop, "order": order,
-                       "paths": {lib: paths[(w_from, lib)] for lib in LIBS},
+                       "paths": {ELASTIC: paths[(w_from, ELASTIC)],
+                                 DCP: os.path.join(paths[(w_from, DCP)],
+                                                   f"step-{args.saves}")},
                        "warmup_dir": os.path.join(rep_dir, f"warmup-w{w_from}")}
                 t0 = time.perf_counter()
                 res = run_group(w_to, load_phase, cfg)
@@ -483,10 +521,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nall phases: {time.perf_counter() - started:.0f}s wall; load average at end: "
           f"{loadavg()}\n")
     _report(args, state, dims, drop, saves, loads, total_bytes, info, cmd, raw)
+    if not args.no_async:
+        _async_sections(args, raw)
     if failures:
         print("\nFAILED: " + "; ".join(failures))
         return 1
     return 0
+
+
+def _async_sections(args, raw: list[dict[str, float]]) -> None:
+    """Stall of ``async_save`` vs ``save`` vs ``dcp.async_save`` and persist vs the raw write
+    rates of this run (``async_save.py``), then training steps/s with an async save every K
+    steps (``async_training.py``); each in its own groups."""
+    import async_save  # noqa: PLC0415 - sibling benchmark modules
+    import async_training  # noqa: PLC0415
+
+    sizes = args.async_gb or [0.4, 2.0]
+    best = max(x["bytes"] / min(x["write"], x["overwrite"]) for x in raw)
+    print(f"\n## Async checkpoints (W=2; {', '.join(f'{g:g}' for g in sizes)} GB of state)\n",
+          flush=True)
+    rows = async_save.run(sizes, max(3, args.repeats), args.dir, write_rate=best)
+    print()
+    print(markdown_table(async_save.HEADERS, rows))
+    print(f"\nStall: seconds the caller is blocked (max over ranks), median of "
+          f"{max(3, args.repeats)}. Persist: write, fsync and commit (durable minus stall; all "
+          f"of a sync save). Best raw write in this run: {best / GB:.2f} GB/s (new file or "
+          "overwrite, whichever was faster). elastic_ckpt keeps 2 (keep_last=2, so it "
+          "overwrites recycled files), DCP writes a new directory per step.\n", flush=True)
+    rows = async_training.run(sizes, "blocks", 4, max(3, args.repeats), args.dir)
+    print()
+    print(markdown_table(async_training.HEADERS, rows))
+    print("\nsteps/s: median over repeats of (steps / wall seconds, max over ranks); K = the "
+          "steps that cover one persist (x1.25). process: the persist in a child process "
+          "(benchmark-only; see async_training.py).")
 
 
 def _summarize(per_rank: list[dict]) -> dict[str, Any]:
@@ -506,14 +573,27 @@ def _median(runs: list[dict], key: str) -> float:
 
 def _report(args, state, dims, drop, saves, loads, total_bytes, info, cmd, raw) -> None:
     rows, detail = [], []
+    # The fastest any writer can go on this disk: the best write+fsync rate of the raw runs
+    # (a new file, or overwriting an allocated one, whichever was faster).
+    write_rate = max(x["bytes"] / min(x["write"], x["overwrite"]) for x in raw)
     for w in SAVE_WORLDS:
-        e, d = _median(saves[(w, ELASTIC)], "seconds"), _median(saves[(w, DCP)], "seconds")
-        nbytes = total_bytes[w]
-        rows.append([f"save W={w}", f"{e:.2f}", f"{d:.2f}", f"{nbytes / e / GB:.2f}",
-                     f"{nbytes / d / GB:.2f}", "-", "-", f"{e / d:.2f}", "-",
-                     _save_verdict(e, d)])
-        for lib in LIBS:
-            detail.append(_detail_row(f"save W={w}", lib, saves[(w, lib)]))
+        for kind, label in (("first", "new files"), ("steady", "steady")):
+            e = _median(saves[(w, ELASTIC, kind)], "seconds")
+            d = _median(saves[(w, DCP, kind)], "seconds")
+            nbytes = total_bytes[w]
+            floor = nbytes / write_rate / d
+            if kind == "first":
+                verdict = _save_verdict(e, d)
+            else:
+                verdict = ("yes" if e / d <= TARGET_STEADY_SAVE
+                           else f"NO (> {TARGET_STEADY_SAVE}x)")
+                if e / d > TARGET_STEADY_SAVE and floor > TARGET_STEADY_SAVE:
+                    verdict += f"; unreachable here: disk floor is {floor:.2f}x DCP"
+            rows.append([f"save W={w} {label}", f"{e:.2f}", f"{d:.2f}",
+                         f"{nbytes / e / GB:.2f}", f"{nbytes / d / GB:.2f}", "-", "-",
+                         f"{e / d:.2f}", f"{floor:.2f}", verdict])
+            for lib in LIBS:
+                detail.append(_detail_row(f"save W={w} {label}", lib, saves[(w, lib, kind)]))
     # The fastest any reader can go on this disk: the best cold sequential read rate measured
     # in this run (raw I/O, before and after). Only meaningful for cold (page cache dropped) loads.
     read_rate = max((x["bytes"] / x["read"] for x in raw), default=0.0) if drop else 0.0
@@ -559,7 +639,12 @@ def _report(args, state, dims, drop, saves, loads, total_bytes, info, cmd, raw) 
           "Disk floor/DCP: the lowest elastic/DCP time any reader could reach on this disk, "
           "i.e. (bytes needed / best cold sequential read rate of the raw I/O runs above) / "
           "DCP's time; every loaded byte must come off the disk once, but bytes two ranks "
-          "read come off it only once, because ranks on one machine share its page cache.\n")
+          "read come off it only once, because ranks on one machine share its page cache. "
+          "For saves: (bytes / best raw write+fsync rate, new file or overwrite) / DCP's time. "
+          f"Saves: {args.saves} per library in a row; 'new files' is the first (both write new "
+          f"files), 'steady' the median of saves {STEADY_FROM + 1}-{args.saves}, where "
+          "elastic_ckpt (keep_last=1) overwrites the files retention recycled and DCP writes "
+          "a new directory per step (the previous one removed, untimed).\n")
     print("### Where the time goes (max over ranks, seconds)\n")
     print(markdown_table(["case", "library", "total", "CPU s (all ranks)", "state_dict",
                           "write/read", "commit",

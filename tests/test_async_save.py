@@ -317,3 +317,57 @@ def test_all_ranks_die_after_async_save_returned(tmp_path) -> None:
     CheckpointManager(root, keep_last=1).save(4, state_of(model, opt, 4))
     assert [i.step for i in CheckpointManager(root).list()] == [4]
     assert not debris.exists()
+
+
+# -- the plan cache -----------------------------------------------------------------------------
+def test_plans_are_reused_until_the_state_changes_shape(tmp_path) -> None:
+    root = str(tmp_path)
+    mgr = CheckpointManager(root, keep_last=None)
+    model, opt = trained(3)
+    mgr.async_save(1, state_of(model, opt, 1)).result(timeout=60)
+    first = mgr._plans
+    assert first is not None
+    cm.train(model, opt, range(3, 4))
+    expected = cm.full_state(model, opt)
+    mgr.async_save(2, state_of(model, opt, 2)).result(timeout=60)
+    assert mgr._plans is first, "an unchanged state reuses the plans"
+    cm.assert_same(expected, load_full(root, 2)[0])
+    extra = {"w": torch.arange(6.0)}  # a new tensor entry: new plans
+    mgr.async_save(3, {**state_of(model, opt, 3), "more": extra}).result(timeout=60)
+    assert mgr._plans is not first
+    loaded = {"w": torch.zeros(6)}
+    CheckpointManager(root).load({"more": loaded}, step=3)
+    assert torch.equal(loaded["w"], extra["w"])
+    bump(model)
+    expected = cm.full_state(model, opt)
+    info = mgr.async_save(4, {"app": AppState(model, opt), "extra": {"step": 4}}).result(60)
+    assert info.extra == {"extra": {"step": 4}}
+    cm.assert_same(expected, load_full(root, 4)[0])
+
+
+def staging_fails_on_one_rank(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    from elastic_ckpt.checkpoint.async_save import HostStager
+
+    mgr = CheckpointManager(root, keep_last=None, persist_timeout_s=30)
+    model, opt = trained(1)
+    mgr.async_save(1, state_of(model, opt, 1)).result(timeout=60)  # plans cached
+    if rank == 1:
+        def stage(self, *args: Any, **kwargs: Any):
+            raise RuntimeError("host out of memory (injected)")
+
+        HostStager.stage = stage
+    try:
+        mgr.async_save(2, state_of(model, opt, 2))
+        outcome = None
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        outcome = f"{type(exc).__name__}: {exc}"
+    return {"outcome": outcome, "latest": mgr.latest().step}
+
+
+@pytest.mark.dist
+def test_a_staging_failure_on_one_rank_raises_on_every_rank(tmp_path) -> None:
+    results = run_ranks(2, staging_fails_on_one_rank, str(tmp_path), timeout_s=120)
+    assert "host out of memory" in results[1]["outcome"], results
+    assert "host out of memory" in results[0]["outcome"], results
+    assert [r["latest"] for r in results] == [1, 1]
+    assert not (tmp_path / step_dirname(2) / "COMMITTED").exists()

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
@@ -142,11 +143,18 @@ class StagingWriter(ShardWriter):
         self.staged: list[_StagedItem] = []
         self.objects: dict[MetadataIndex, str] = {}
         self.metadata: Metadata | None = None
+        self.local_plan: SavePlan | None = None
+        self.final_plan: SavePlan | None = None
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        self.local_plan = plan
+        return super().prepare_local_plan(plan)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         return plans  # always a fresh directory: never a rewrite aside
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        self.final_plan = plan
         self.objects = json_objects(plan, planner)
         flat_state = getattr(planner, "state_dict", None) or {}
         self.stager.begin()
@@ -173,6 +181,72 @@ class StagingWriter(ShardWriter):
     @property
     def staged_bytes(self) -> int:
         return sum(s.buffer.nbytes for s in self.staged)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanCache:
+    """What DCP's collective planning decided at the last async save: this rank's local plan
+    (as a signature), its final plan (after deduplication) and the global metadata. Valid for
+    as long as every rank's local plan is unchanged: same keys, shapes, dtypes and shards."""
+
+    signature: tuple
+    final_plan: SavePlan
+    metadata: Metadata
+
+    @classmethod
+    def of(cls, writer: StagingWriter, metadata: Metadata, rank: int,
+           world_size: int) -> "PlanCache | None":
+        if writer.local_plan is None or writer.final_plan is None:
+            return None
+        return cls(plan_signature(writer.local_plan, rank, world_size), writer.final_plan,
+                   metadata)
+
+
+def plan_signature(plan: SavePlan, rank: int, world_size: int) -> tuple:
+    """Everything of a local save plan the global plan depends on."""
+    items = []
+    for item in plan.items:
+        data = item.tensor_data
+        items.append((item.index.fqn, tuple(item.index.offset or ()), item.type.value,
+                      None if data is None else (tuple(data.size), str(data.properties.dtype),
+                                                 tuple(data.chunk.offsets),
+                                                 tuple(data.chunk.sizes))))
+    mappings = plan.planner_data if isinstance(plan.planner_data, dict) else {}
+    return (rank, world_size, tuple(items),
+            tuple(sorted((k, tuple(v)) for k, v in mappings.items())))
+
+
+def stage_with_cached_plan(state: dict[str, Any], writer: StagingWriter, cache: PlanCache,
+                           planner: SavePlanner, *, rank: int, world_size: int,
+                           agree: Callable[[bool], bool],
+                           first_failure: Callable[[BaseException | None],
+                                                   BaseException | None]) -> Metadata | None:
+    """Stage ``state`` with the plans of the last save instead of DCP's collective planning.
+
+    Collective, with the same two collectives on every rank whatever happens: ``agree`` (an
+    AND over ranks) on "my local plan is unchanged", then ``first_failure`` (the lowest
+    rank's exception, or None) after staging. Returns the global metadata, or None (nothing
+    staged; plan with DCP, which also reproduces any error met before the agreement)."""
+    try:
+        flat = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state.items()}
+        planner.set_up_planner(flat, writer.storage_meta(), rank == 0)
+        writer.set_up_storage_writer(rank == 0, rank=rank, use_collectives=True)
+        local = planner.create_local_plan()
+        same = plan_signature(local, rank, world_size) == cache.signature
+    except Exception:  # noqa: BLE001 - dcp.save meets it again and raises it on every rank
+        same = False
+    if not agree(same):
+        return None
+    failure = None
+    try:
+        writer.prepare_local_plan(local)
+        writer.write_data(cache.final_plan, planner).wait()
+    except Exception as exc:  # agreed on below, whatever it is
+        failure = exc
+    failure = first_failure(failure)
+    if failure is not None:
+        raise failure
+    return cache.metadata
 
 
 @dataclasses.dataclass

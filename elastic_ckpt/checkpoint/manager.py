@@ -30,9 +30,11 @@ from torch.distributed.checkpoint.stateful import Stateful
 from elastic_ckpt.checkpoint.async_save import (
     HostStager,
     PersistJob,
+    PlanCache,
     SaveHandle,
     StagingWriter,
     run_persist,
+    stage_with_cached_plan,
 )
 from elastic_ckpt.checkpoint.catalog import Catalog, CheckpointInfo
 from elastic_ckpt.checkpoint.manifest import (
@@ -115,6 +117,7 @@ class CheckpointManager:
         self._stager = HostStager()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_flight: SaveHandle | None = None
+        self._plans: PlanCache | None = None
 
     @property
     def staging_bytes(self) -> int:
@@ -220,9 +223,12 @@ class CheckpointManager:
         writer = StagingWriter(self.root.child(name), self._stager, step=step, extra=extra,
                                block_size_bytes=self.block_size_bytes, on_phase=self.on_phase,
                                process_group=self.process_group, pool=self._lender())
-        metadata = self._run_dcp(lambda: dcp.save(dcp_state, storage_writer=writer,
-                                                  planner=JsonSavePlanner(),
-                                                  process_group=self.process_group))
+        metadata = self._stage_cached(dcp_state, writer) if self._plans is not None else None
+        if metadata is None:  # DCP's collective planning, remembered for the next save
+            metadata = self._run_dcp(lambda: dcp.save(dcp_state, storage_writer=writer,
+                                                      planner=JsonSavePlanner(),
+                                                      process_group=self.process_group))
+            self._plans = PlanCache.of(writer, metadata, self._rank(), self._world_size())
         writer.metadata = metadata
         job = PersistJob(writer=writer, rank=self._rank(), world_size=self._world_size(),
                          token=token, info=self._info(step, name, metadata, extra),
@@ -237,6 +243,29 @@ class CheckpointManager:
         self._in_flight = handle
         self._executor.submit(run_persist, job, handle)
         return handle
+
+    def _stage_cached(self, dcp_state: dict[str, Any], writer: StagingWriter) -> Any:
+        """Stage with the last async save's plans when no rank's plan changed: one small
+        all-reduce and one gather of (no) errors instead of DCP's gathers and scatters of
+        plans and metadata. None (cache dropped): plan with DCP."""
+        metadata = stage_with_cached_plan(
+            dcp_state, writer, self._plans, JsonSavePlanner(), rank=self._rank(),
+            world_size=self._world_size(), agree=self._all_true,
+            first_failure=self._first_failure)
+        if metadata is None:
+            self._plans = None
+        return metadata
+
+    def _all_true(self, value: bool) -> bool:
+        """Collective: ``value`` on every rank."""
+        if not dist.is_initialized() or self._world_size() == 1:
+            return value
+        device = "cpu"
+        if "nccl" in str(dist.get_backend(self.process_group)) and torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.current_device()}"
+        flag = torch.tensor([1 if value else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
+        return bool(flag.item())
 
     def _check_step(self, step: int) -> None:
         if not isinstance(step, int) or step < 0:
