@@ -19,8 +19,11 @@ step), each repeat runs the three back to back, alternating their order:
 
 Reported per case: the stall (seconds the caller is blocked, max over ranks, barrier-aligned
 start), the time until committed / uploaded, and the stall as a fraction of the sync save.
-Each checkpoint goes to a new step directory; the first call of each kind is an untimed
-warm-up (it also allocates the staging buffers, which later saves reuse).
+Each checkpoint goes to a new step directory. Two untimed rounds come first (imports, first
+planning, the staging buffers later saves reuse); with ``keep_last=1`` every timed elastic_ckpt
+save then overwrites the files retention recycled, while DCP writes a new directory each time
+(its older ones removed, untimed). The persist time is durable minus stall (all of a sync
+save); ``checkpoint.py`` compares it with the best raw write rate of its run.
 """
 
 from __future__ import annotations
@@ -85,28 +88,37 @@ def _one(case: str, app: AppState, root: str, step: int, mgr: CheckpointManager,
     return stall, done
 
 
+def _drop_old_dcp(case: str, rank: int, root: str, step: int) -> None:
+    """DCP keeps everything: remove all but its newest directory (as keep_last=1), untimed."""
+    if case == "dcp.async_save" and rank == 0:
+        for name in os.listdir(os.path.join(root, "dcp")):
+            if name != f"step-{step:08d}":
+                shutil.rmtree(os.path.join(root, "dcp", name), ignore_errors=True)
+
+
 def phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     dims = model_dims(cfg["gb"])
     model, optimizer = build(world_size, dims, seed=0)
     train_step(model, optimizer, dims)
     app = AppState(model, optimizer)
     root = cfg["dir"]
-    mgrs = {case: CheckpointManager(os.path.join(root, case.replace(".", "_")), keep_last=2)
+    mgrs = {case: CheckpointManager(os.path.join(root, case.replace(".", "_")), keep_last=1)
             for case in CASES[:2]}
     stager = _dcp_stager()
     out: dict[str, list[tuple[float, float]]] = {c: [] for c in CASES}
-    step = 1
-    for case in CASES:  # warm-up: imports, first planning, staging buffers
-        _one(case, app, root, step, mgrs.get(case, mgrs["save"]), stager)
+    step = 0
+    for _ in range(2):  # warm-up: imports, first planning, staging buffers, and (keep_last=1)
+        for case in CASES:  # a recycled file for every timed elastic_ckpt save
+            step += 1
+            _one(case, app, root, step, mgrs.get(case, mgrs["save"]), stager)
+            _drop_old_dcp(case, rank, root, step)
     for r in range(cfg["repeats"]):
         order = CASES if r % 2 == 0 else CASES[::-1]
         for case in order:
             step += 1
             out[case].append(_one(case, app, root, step, mgrs.get(case, mgrs["save"]),
                                   stager))
-            if case == "dcp.async_save" and rank == 0:  # DCP keeps everything: keep 2
-                old = os.path.join(root, "dcp", f"step-{step - 2:08d}")
-                shutil.rmtree(old, ignore_errors=True)
+            _drop_old_dcp(case, rank, root, step)
     for mgr in mgrs.values():
         mgr.wait()
     return {"runs": out, "state_bytes": local_state_bytes(app),

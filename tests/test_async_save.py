@@ -135,15 +135,18 @@ def test_staging_buffers_are_reused(tmp_path) -> None:
     nbytes, count = mgr.staging_bytes, mgr.staging_buffers
     buffers = {k: b.data_ptr() for k, b in mgr._stager.buffers.items()}
     assert nbytes > 0 and count > 0
-    for step in range(2, 34):
+    for step in range(2, 101):  # 100 saves: the same buffers, no growth
         bump(model)
         mgr.async_save(step, state)
         assert (mgr.staging_bytes, mgr.staging_buffers) == (nbytes, count)
         assert {k: b.data_ptr() for k, b in mgr._stager.buffers.items()} == buffers
     expected = cm.full_state(model, opt)
-    assert mgr.wait().result().step == 33
+    assert mgr.wait().result().step == 100
     cm.assert_same(expected, load_full(str(tmp_path))[0])
-    assert [i.step for i in mgr.list()] == [33]
+    assert [i.step for i in mgr.list()] == [100]
+    # nor on disk: the newest checkpoint and one recycled file
+    assert sorted(os.listdir(tmp_path)) == [".recycle", step_dirname(100)]
+    assert len(os.listdir(tmp_path / ".recycle")) == 1
 
 
 def die_before_durable(root: str) -> None:
