@@ -107,6 +107,7 @@ class ProcessPersister:
                                            "rank": rank}) + "\n")
         self.child.stdin.flush()
         assert self.child.stdout.readline().strip() == "ready"
+        os.remove(self.shm)  # both have it mapped; the memory goes when both exit
         self.pending = False
         self.persist_s: list[float] = []
 
@@ -127,7 +128,6 @@ class ProcessPersister:
         self.wait()
         self.child.stdin.close()
         self.child.wait(60)
-        os.remove(self.shm)
 
 
 def _local_tensors(app: AppState) -> list[tuple[str, torch.Tensor]]:

@@ -13,6 +13,7 @@ import json
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -313,18 +314,31 @@ def write_rank_file(directory: Storage, rank: int, target: str,
     name = rank_filename(rank)
     out_list: list[tuple[MetadataIndex, _Written]] = []
     in_place = pool is not None and pool.take(rank, directory, target)
-    with directory.open_write(target, in_place=in_place) as out:
+    # A large chunk's checksums are computed on a second thread while the write syscall
+    # (which releases the GIL) copies the same bytes out: one pass over memory hides the other.
+    with directory.open_write(target, in_place=in_place) as out, \
+            ThreadPoolExecutor(1, thread_name_prefix="ckpt-crc") as crc_thread:
         for index, tensor, (placements, mesh, axes) in chunks:
             if tensor.device.type != "cpu":
                 tensor = tensor.to("cpu")
             data = tensor_bytes(tensor)
             offset = out.offset
-            out.write(data)
+            if len(data) >= _OVERLAP_BYTES:
+                sums = crc_thread.submit(checksum.block_checksums, data, block_size)
+                out.write(data)
+                sums = sums.result()
+            else:
+                out.write(data)
+                sums = checksum.block_checksums(data, block_size)
             out_list.append((index, _Written(
                 file=name, byte_offset=offset, byte_length=len(data), rank=rank,
-                checksums=checksum.encode(checksum.block_checksums(data, block_size)),
-                placements=placements, mesh_shape=mesh, mesh_dim_names=axes)))
+                checksums=checksum.encode(sums), placements=placements, mesh_shape=mesh,
+                mesh_dim_names=axes)))
     return out_list
+
+
+_OVERLAP_BYTES = 1 << 20
+"""Chunks from this size up are checksummed on a second thread during their write."""
 
 
 _ASIDE_SUFFIX = ".tmp"
