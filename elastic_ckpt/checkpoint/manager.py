@@ -435,7 +435,7 @@ def default_read_threads() -> int:
     """Reader threads per rank: the intra-op threads the launcher gave this rank
     (``torch.get_num_threads()``: its share of the node's cores), at most 8. More reader
     threads than cores cost more in switching than they overlap: with 2 ranks on 2 cores, 4
-    threads each made re-shard loads 1.1-1.5x slower than one."""
+    threads each made re-shard loads 1.1-1.7x slower than one."""
     return max(1, min(8, torch.get_num_threads()))
 
 
