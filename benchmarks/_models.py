@@ -151,8 +151,14 @@ def flatten_state(value: Any, prefix: str = "", out: dict[str, Any] | None = Non
     return out
 
 
+def local_tensors(app) -> list[tuple[str, torch.Tensor]]:
+    """``(fqn, tensor)`` of every tensor in ``app.state_dict()``: this rank's shard of a
+    DTensor, the tensor itself otherwise."""
+    return [(fqn, v.to_local() if isinstance(v, DTensor) else v)
+            for fqn, v in flatten_state(app.state_dict()).items()
+            if isinstance(v, torch.Tensor)]
+
+
 def local_state_bytes(app) -> int:
     """Bytes of this rank's tensors in ``app.state_dict()`` (its shards of DTensors)."""
-    return sum(v.to_local().nbytes if isinstance(v, DTensor) else v.nbytes
-               for v in flatten_state(app.state_dict()).values()
-               if isinstance(v, torch.Tensor))
+    return sum(t.nbytes for _, t in local_tensors(app))

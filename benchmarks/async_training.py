@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import banner, loadavg, markdown_table, run_group  # noqa: E402
-from _models import build, flatten_state, model_dims, train_step  # noqa: E402
+from _models import build, local_tensors, model_dims, train_step  # noqa: E402
 
 from elastic_ckpt.checkpoint import AppState, CheckpointManager  # noqa: E402
 
@@ -89,7 +89,7 @@ class ProcessPersister:
     them (benchmark-only; see the module docstring)."""
 
     def __init__(self, app: AppState, root: str, rank: int) -> None:
-        tensors = _local_tensors(app)
+        tensors = local_tensors(app)
         total = sum(t.nbytes for _, t in tensors)
         self.shm = f"/dev/shm/ckpt-bench-{os.getpid()}-{rank}"
         self.mem = np.memmap(self.shm, dtype=np.uint8, mode="w+", shape=(max(1, total),))
@@ -113,8 +113,8 @@ class ProcessPersister:
 
     def save(self, step: int) -> None:
         self.wait()
-        for view, (_, t) in zip(self.views, _local_tensors(self.app)):
-            view.copy_(t)
+        for view, (_, t) in zip(self.views, local_tensors(self.app)):
+            view.copy_(t.detach())
         self.child.stdin.write(json.dumps({"step": step}) + "\n")
         self.child.stdin.flush()
         self.pending = True
@@ -128,15 +128,6 @@ class ProcessPersister:
         self.wait()
         self.child.stdin.close()
         self.child.wait(60)
-
-
-def _local_tensors(app: AppState) -> list[tuple[str, torch.Tensor]]:
-    out = []
-    for fqn, v in flatten_state(app.state_dict()).items():
-        if isinstance(v, torch.Tensor):
-            local = v.to_local() if hasattr(v, "to_local") else v
-            out.append((fqn, local.detach()))
-    return out
 
 
 def _steps(model, optimizer, dims, n: int, every: int | None, save) -> tuple[float, list]:

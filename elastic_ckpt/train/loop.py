@@ -79,7 +79,7 @@ class RankTrainer:
         self.restored_step: int | None = None
         """The step the run resumed from once the restore is done (0: no checkpoint)."""
         self.last_committed: CheckpointInfo | None = None
-        self._in_flight: tuple[SaveHandle, int] | None = None  # an async save and its step
+        self._in_flight: SaveHandle | None = None  # the async save not yet reported
         self._failed_saves = 0  # background saves failed in a row
 
     # -- setup -------------------------------------------------------------------------------
@@ -283,8 +283,7 @@ class RankTrainer:
         state = {"app": app, "model": record,
                  "trainer": self._trainer_state(step, tokens_seen)}
         if self.config.checkpoint.async_save and not final:
-            handle = self.ckpt.async_save(step, state)
-            self._in_flight = (handle, step)
+            handle = self._in_flight = self.ckpt.async_save(step, state)
             self.hooks.on_event("checkpoint_staged", {
                 "step": step, "seconds": time.perf_counter() - t0, "waited_s": waited,
                 "staged_s": handle.staged_s, "staging_bytes": self.ckpt.staging_bytes})
@@ -299,9 +298,10 @@ class RankTrainer:
         """Report the async save in flight once it has landed (``block``: wait for it). A
         failed one is a warning; ``checkpoint.max_failed_saves`` in a row end the run.
         Returns the seconds waited."""
-        if self._in_flight is None:
+        handle = self._in_flight
+        if handle is None:
             return 0.0
-        handle, step = self._in_flight
+        step = handle.step
         if not block and not handle.done():
             return 0.0
         t0 = time.perf_counter()
