@@ -16,7 +16,7 @@ Two shapes (``--shape`` of ``checkpoint.py``):
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -122,15 +122,21 @@ def build(world_size: int, dims: dict[str, Any], seed: int):
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-               dims: dict[str, Any]) -> None:
-    """One forward/backward/AdamW step on a tiny random batch (creates the optimizer state)."""
+               dims: dict[str, Any], tokens: int = 16,
+               before_step: Callable[[], Any] | None = None) -> None:
+    """One forward/backward/AdamW step on a random batch of ``tokens`` per rank (rows of 8;
+    ``linear8``: rows of ``width``) that also creates the optimizer state. ``before_step``
+    runs between the backward and ``optimizer.step`` (an async save's staging fence)."""
     gen = torch.Generator().manual_seed(dist.get_rank())
+    rows = max(1, tokens // 8)
     if dims["shape"] == "linear8":
-        inputs = torch.randn(2, dims["width"], generator=gen)
+        inputs = torch.randn(rows, dims["width"], generator=gen)
     else:
-        inputs = torch.randint(0, dims["vocab"], (2, 8), generator=gen)
+        inputs = torch.randint(0, dims["vocab"], (rows, 8), generator=gen)
     loss = model(inputs).pow(2).mean()
     loss.backward()
+    if before_step is not None:
+        before_step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -13,6 +13,10 @@ step), each repeat runs the three back to back, alternating their order:
 * ``save``: ``CheckpointManager.save`` (the caller waits for write, fsync and commit);
 * ``async_save``: ``CheckpointManager.async_save`` (returns once the state is staged into
   reused host buffers), then ``handle.result()``;
+* ``async_save overlapped``: ``async_save(..., overlap_staging=True)``, then one training step
+  of ``--step-tokens`` tokens per rank (default ``STEP_TOKEN_GB`` / GB) whose ``optimizer.step`` waits on
+  ``handle.wait_staged()`` (as the trainer does): the sharded parameters and AdamW moments are
+  copied during its forward/backward; the stall is the return time plus that wait;
 * ``dcp.async_save``: ``dcp.async_save(..., storage_writer=FileSystemWriter(dir),
   async_stager=DefaultStager(StagingOptions(...)))`` with pinned/shared memory off (CPU), then
   ``.result()`` of its future (or of its upload future).
@@ -29,6 +33,7 @@ save); ``checkpoint.py`` compares it with the best raw write rate of its run.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -48,7 +53,11 @@ from _models import build, local_state_bytes, model_dims, train_step  # noqa: E4
 
 from elastic_ckpt.checkpoint import AppState, CheckpointManager  # noqa: E402
 
-CASES = ("save", "async_save", "dcp.async_save")
+CASES = ("save", "async_save", "async_save overlapped", "dcp.async_save")
+OVERLAP = "async_save overlapped"
+STEP_TOKEN_GB = 205
+"""Default tokens per rank of the overlapped case's step: 205 / GB of state (512 at 0.4 GB,
+102 at 2 GB; FLOPs scale with parameters x tokens, so a step of ~2 s on the 2-core machine)."""
 
 
 def _dcp_stager() -> Any:
@@ -65,11 +74,18 @@ def _dcp_wait(response: Any) -> None:
 
 
 def _one(case: str, app: AppState, root: str, step: int, mgr: CheckpointManager,
-         stager: Any) -> tuple[float, float]:
+         stager: Any, next_step: Any) -> tuple[float, float]:
     """(stall seconds, seconds until durable) of one checkpoint on this rank."""
     dist.barrier()
     t0 = time.perf_counter()
-    if case == "save":
+    if case == OVERLAP:
+        handle = mgr.async_save(step, {"app": app}, overlap_staging=True)
+        returned = time.perf_counter() - t0
+        next_step(handle.wait_staged)
+        stall = returned + handle.fence.waited_s
+        handle.result()
+        done = time.perf_counter() - t0
+    elif case == "save":
         mgr.save(step, {"app": app})
         stall = done = time.perf_counter() - t0
     elif case == "async_save":
@@ -102,26 +118,37 @@ def phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     train_step(model, optimizer, dims)
     app = AppState(model, optimizer)
     root = cfg["dir"]
-    mgrs = {case: CheckpointManager(os.path.join(root, case.replace(".", "_")), keep_last=1)
-            for case in CASES[:2]}
+    mgrs = {case: CheckpointManager(os.path.join(root, case.replace(".", "_").replace(" ", "_")),
+                                    keep_last=1)
+            for case in CASES[:3]}
+
+    def next_step(fence: Any) -> None:
+        train_step(model, optimizer, dims, tokens=cfg["step_tokens"], before_step=fence)
+
+    for _ in range(2):  # warm-up at the step size the overlapped case computes
+        next_step(None)
+    dist.barrier()
+    t0 = time.perf_counter()
+    next_step(None)
+    step_s = time.perf_counter() - t0
     stager = _dcp_stager()
     out: dict[str, list[tuple[float, float]]] = {c: [] for c in CASES}
     step = 0
     for _ in range(2):  # warm-up: imports, first planning, staging buffers, and (keep_last=1)
         for case in CASES:  # a recycled file for every timed elastic_ckpt save
             step += 1
-            _one(case, app, root, step, mgrs.get(case, mgrs["save"]), stager)
+            _one(case, app, root, step, mgrs.get(case, mgrs["save"]), stager, next_step)
             _drop_old_dcp(case, rank, root, step)
     for r in range(cfg["repeats"]):
         order = CASES if r % 2 == 0 else CASES[::-1]
         for case in order:
             step += 1
             out[case].append(_one(case, app, root, step, mgrs.get(case, mgrs["save"]),
-                                  stager))
+                                  stager, next_step))
             _drop_old_dcp(case, rank, root, step)
     for mgr in mgrs.values():
         mgr.wait()
-    return {"runs": out, "state_bytes": local_state_bytes(app),
+    return {"runs": out, "state_bytes": local_state_bytes(app), "step_s": step_s,
             "staging_bytes": mgrs["async_save"].staging_bytes}
 
 
@@ -130,14 +157,16 @@ HEADERS = ["state", "case", "stall s", "durable s", "stall / sync save", "persis
 
 
 def run(sizes: list[float], repeats: int, parent: str | None,
-        write_rate: float | None = None) -> list[list[str]]:
+        write_rate: float | None = None, step_tokens: int | None = None) -> list[list[str]]:
     """Every size in its own group; returns the table rows (also used by ``checkpoint.py``,
     which passes the best raw write+fsync rate it measured, bytes/s)."""
     rows = []
     for gb in sizes:
         root = tempfile.mkdtemp(prefix="async-bench-", dir=parent)
+        tokens = step_tokens or max(8, round(STEP_TOKEN_GB / gb))
         try:
-            results = run_group(2, phase, {"gb": gb, "dir": root, "repeats": repeats})
+            results = run_group(2, phase, {"gb": gb, "dir": root, "repeats": repeats,
+                                           "step_tokens": tokens})
         finally:
             shutil.rmtree(root, ignore_errors=True)
         state = sum(r["state_bytes"] for r in results)
@@ -150,15 +179,20 @@ def run(sizes: list[float], repeats: int, parent: str | None,
             # the write, fsync and commit alone (all of a sync save)
             persist = statistics.median(max(d - (0 if case == "save" else s) for s, d in ranks)
                                         for ranks in per_repeat)
+            if case == OVERLAP:  # the next step ran meanwhile: the persist is not apart
+                persist = float("nan")
             med[case] = (stall, done, persist)
         sync = med["save"][0]
         for case in CASES:
             stall, done, persist = med[case]
             rate = state / persist
+            apart = not math.isnan(rate)
             rows.append([f"{state / GB:.2f} GB", case, f"{stall:.3f}", f"{done:.3f}",
-                         f"{stall / sync:.3f}x", f"{rate / GB:.2f}",
-                         f"{rate / write_rate:.2f}x" if write_rate else "-"])
-        print(f"{gb} GB: staging holds {staging / GB:.2f} GB per rank "
+                         f"{stall / sync:.3f}x", f"{rate / GB:.2f}" if apart else "-",
+                         f"{rate / write_rate:.2f}x" if write_rate and apart else "-"])
+        print(f"{gb} GB: a training step of {tokens} tokens per rank takes "
+              f"{max(r['step_s'] for r in results):.3f} s without a save; "
+              f"staging holds {staging / GB:.2f} GB per rank "
               f"(rank state {max(r['state_bytes'] for r in results) / GB:.2f} GB); "
               f"load avg {loadavg()}", flush=True)
     return rows
@@ -170,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="state size in GB (repeatable; default 0.4 and 2)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per case (3)")
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
+    ap.add_argument("--step-tokens", type=int, default=None,
+                    help=f"tokens per rank of the step the overlapped case runs (default "
+                         f"{STEP_TOKEN_GB} / GB of state)")
     args = ap.parse_args(argv)
     banner(__file__, argv, storage=args.dir or tempfile.gettempdir())
-    rows = run(args.gb or [0.4, 2.0], args.repeats, args.dir)
+    rows = run(args.gb or [0.4, 2.0], args.repeats, args.dir, step_tokens=args.step_tokens)
     print(f"\nW=2, medians of {args.repeats}; load average at end {loadavg()}\n")
     print(markdown_table(HEADERS, rows))
     return 0

@@ -14,6 +14,9 @@ pool), it measures one step and one persist and sets K = the steps that cover on
 * ``none``: no checkpoints;
 * ``thread``: ``CheckpointManager.async_save`` every K steps (the library: persist and commit
   on the manager's background thread);
+* ``overlap``: the same with ``overlap_staging=True`` (the trainer's default): the sharded
+  state is copied during the next step's forward/backward, whose ``optimizer.step`` waits on
+  ``handle.wait_staged()``; its stall is the return time plus that wait;
 * ``process``: the same staging copy every K steps into host buffers in shared memory
   (``/dev/shm``), and the same ``write_rank_file`` (block checksums, fsync, recycled files) run
   by a child process: what moving the persist out of the training process's GIL buys. It
@@ -50,7 +53,7 @@ from _models import build, local_tensors, model_dims, train_step  # noqa: E402
 
 from elastic_ckpt.checkpoint import AppState, CheckpointManager  # noqa: E402
 
-CASES = ("none", "thread", "process")
+CASES = ("none", "thread", "overlap", "process")
 GOAL = 0.95
 
 _CHILD = textwrap.dedent("""
@@ -130,17 +133,30 @@ class ProcessPersister:
         self.child.wait(60)
 
 
-def _steps(model, optimizer, dims, n: int, every: int | None, save) -> tuple[float, list]:
-    """Wall seconds of ``n`` steps (barrier-aligned), saving after every ``every``-th."""
+def _steps(model, optimizer, dims, n: int, every: int | None, save, tokens: int,
+           fence=None) -> tuple[float, list]:
+    """Wall seconds of ``n`` steps (barrier-aligned), saving after every ``every``-th;
+    ``fence()`` runs before each ``optimizer.step`` and returns the seconds it blocked."""
     stalls = []
+    fenced = [0.0]
+
+    def before_step() -> None:
+        fenced[0] += fence()
+
     dist.barrier()
     t0 = time.perf_counter()
     for i in range(1, n + 1):
-        train_step(model, optimizer, dims)
+        train_step(model, optimizer, dims, tokens=tokens,
+                   before_step=before_step if fence else None)
         if every and i % every == 0:
+            if stalls:
+                stalls[-1] += fenced[0]
+            fenced[0] = 0.0
             s0 = time.perf_counter()
             save()
             stalls.append(time.perf_counter() - s0)
+    if stalls:
+        stalls[-1] += fenced[0]
     dist.barrier()
     return time.perf_counter() - t0, stalls
 
@@ -153,15 +169,20 @@ def phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     mgr = CheckpointManager(os.path.join(root, "thread"), keep_last=2)
     handles: list = []
 
+    tokens = cfg["tokens"]
+
     def thread_save() -> None:
         handles.append(mgr.async_save(len(handles) + 1, {"app": app}))
 
+    def overlap_save() -> None:
+        handles.append(mgr.async_save(len(handles) + 1, {"app": app}, overlap_staging=True))
+
     for _ in range(3):  # warm-up (creates the AdamW state)
-        train_step(model, optimizer, dims)
+        train_step(model, optimizer, dims, tokens=tokens)
     for _ in range(3):  # staging buffers allocated; from the third save on, files recycle
         thread_save()
         mgr.wait()
-    step_s, _ = _steps(model, optimizer, dims, 3, None, None)
+    step_s, _ = _steps(model, optimizer, dims, 3, None, None, tokens)
     step_s /= 3
     thread_save()
     persist = mgr.wait().persist_s  # a recycled persist, as in the timed cases
@@ -186,19 +207,28 @@ def phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
         order = CASES if r % 2 == 0 else CASES[::-1]
         for case in order:
             if case == "none":
-                wall, stalls = _steps(model, optimizer, dims, n, None, None)
+                wall, stalls = _steps(model, optimizer, dims, n, None, None, tokens)
             elif case == "thread":
-                wall, stalls = _steps(model, optimizer, dims, n, k, thread_save)
+                wall, stalls = _steps(model, optimizer, dims, n, k, thread_save, tokens)
                 mgr.wait()
+            elif case == "overlap":
+                first = len(handles)
+                wall, stalls = _steps(model, optimizer, dims, n, k, overlap_save, tokens,
+                                      fence=mgr.wait_staged)
+                mgr.wait()
+                out.setdefault("overlap_handles", []).extend(range(first, len(handles)))
             else:
-                wall, stalls = _steps(model, optimizer, dims, n, k, process_save)
+                wall, stalls = _steps(model, optimizer, dims, n, k, process_save, tokens)
                 persister.wait()
             rec = out["cases"].setdefault(case, {"wall": [], "stall": []})
             rec["wall"].append(wall)
             rec["stall"] += stalls
     out["process_persist_s"] = list(persister.persist_s)
     mgr.wait()
-    out["thread_persist_s"] = [h.persist_s for h in handles[timed_from:]]
+    overlapped = set(out.pop("overlap_handles", []))
+    out["thread_persist_s"] = [h.persist_s for i, h in enumerate(handles)
+                               if i >= timed_from and i not in overlapped]
+    out["overlap_persist_s"] = [handles[i].persist_s for i in sorted(overlapped)]
     persister.close()
     return out
 
@@ -210,15 +240,16 @@ def _agree(value: float) -> float:
     return t.item()
 
 
-def run(sizes: list[float], shape: str, saves: int, repeats: int, parent: str | None
-        ) -> list[list[str]]:
+def run(sizes: list[float], shape: str, saves: int, repeats: int, parent: str | None,
+        tokens: int = 16) -> list[list[str]]:
     """Every size; returns the table rows (also used by ``checkpoint.py``)."""
     rows = []
     for gb in sizes:
         root = tempfile.mkdtemp(prefix="async-train-", dir=parent)
         try:
             res = run_group(2, phase, {"gb": gb, "shape": shape, "dir": root,
-                                       "saves": saves, "repeats": repeats})
+                                       "saves": saves, "repeats": repeats,
+                                       "tokens": tokens})
         finally:
             shutil.rmtree(root, ignore_errors=True)
         r0 = res[0]
@@ -237,7 +268,8 @@ def run(sizes: list[float], shape: str, saves: int, repeats: int, parent: str | 
             rows.append([_size(dims, gb), case, f"{k}", f"{rate:.2f}", f"{ratio:.3f}",
                          f"{statistics.median(stalls):.3f}" if stalls else "-", persist,
                          verdict])
-        print(f"{_size(dims, gb)}: one step {r0['step_s']:.3f}s, K={k}, {n} steps per case, "
+        print(f"{_size(dims, gb)}: one step ({tokens} tokens per rank) {r0['step_s']:.3f}s, "
+              f"K={k}, {n} steps per case, "
               f"load avg {loadavg()}", flush=True)
     return rows
 
@@ -258,9 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--saves", type=int, default=4, help="saves per timed case (4)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of each case (3)")
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
+    ap.add_argument("--tokens", type=int, default=16,
+                    help="tokens per rank per training step (16: a step far shorter than a "
+                         "persist)")
     args = ap.parse_args(argv)
     banner(__file__, argv, storage=args.dir or tempfile.gettempdir())
-    rows = run(args.gb or [0.4, 2.0], args.shape, args.saves, args.repeats, args.dir)
+    rows = run(args.gb or [0.4, 2.0], args.shape, args.saves, args.repeats, args.dir,
+               tokens=args.tokens)
     print(f"\nW=2, medians of {args.repeats} (max over ranks); load average {loadavg()}\n")
     print(markdown_table(HEADERS, rows))
     return 0

@@ -349,7 +349,7 @@ def test_plans_are_reused_until_the_state_changes_shape(tmp_path) -> None:
 
 
 def staging_fails_on_one_rank(rank: int, world_size: int, root: str) -> dict[str, Any]:
-    from elastic_ckpt.checkpoint.async_save import HostStager
+    from elastic_ckpt.checkpoint.staging import HostStager
 
     mgr = CheckpointManager(root, keep_last=None, persist_timeout_s=30)
     model, opt = trained(1)
@@ -374,3 +374,58 @@ def test_a_staging_failure_on_one_rank_raises_on_every_rank(tmp_path) -> None:
     assert "host out of memory" in results[0]["outcome"], results
     assert [r["latest"] for r in results] == [1, 1]
     assert not (tmp_path / step_dirname(2) / "COMMITTED").exists()
+
+
+def overlapped_staging(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    import threading
+
+    from elastic_ckpt.checkpoint import staging
+
+    mgr = CheckpointManager(root, keep_last=None, persist_timeout_s=60)
+    model, opt = trained(1)
+    expected = cm.full_state(model, opt)
+    original, threads = staging._copy, []
+
+    def slow_copy(buf: torch.Tensor, src: torch.Tensor) -> None:
+        # Slow enough that a missing fence lets the optimizer step below into the checkpoint.
+        threads.append((threading.current_thread().name, src.dtype))
+        time.sleep(0.05)
+        original(buf, src)
+
+    staging._copy = slow_copy
+    try:
+        handle = mgr.async_save(1, state_of(model, opt, 1), overlap_staging=True)
+        with torch.no_grad():
+            model.seen.add_(7)  # a plain buffer: copied before async_save returned
+        blocked = handle.wait_staged(timeout=60)
+        cm.train(model, opt, range(1, 2))  # the optimizer step changes params and exp_avg
+        handle.result(timeout=60)
+    finally:
+        staging._copy = original
+    out = {"main": [d for name, d in threads if name == "MainThread"],
+           "deferred": [name for name, _ in threads if name != "MainThread"],
+           "deferred_dtypes": [d for name, d in threads if name != "MainThread"], "blocked": blocked, "copy_s": handle.fence.copy_s,
+           "stall_s": handle.stall_s, "staged_s": handle.staged_s}
+    loaded = load_full(root, step=1)[0]
+    if rank == 0:
+        out["expected"], out["loaded"] = expected, loaded
+    return out
+
+
+@pytest.mark.dist
+def test_overlapped_staging_defers_dtensor_copies_behind_the_fence(tmp_path) -> None:
+    """``overlap_staging``: DTensor copies run on the persist thread after ``async_save``
+    returned; ``wait_staged`` holds the caller until they are made, so an optimizer step after
+    it never reaches the checkpoint, and a plain buffer changed before it does not either."""
+    results = run_ranks(2, overlapped_staging, str(tmp_path), timeout_s=120)
+    for out in results:
+        # plain tensors (the ``seen`` buffer, AdamW's step counters) are copied at once
+        # 7 sharded parameters and their 2 AdamW moments each, on the persist thread
+        assert len(out["deferred"]) == 21, out
+        assert set(out["deferred"]) == {"elastic-ckpt-persist_0"}, out
+        assert out["blocked"] > 0.02 and out["copy_s"] >= 0.05 * 21 * 0.9, out
+        assert out["stall_s"] == pytest.approx(out["staged_s"] + out["blocked"]), out
+        assert torch.int64 not in out["deferred_dtypes"], out
+    # the ``seen`` buffer (deduplicated to one rank) is copied before async_save returns
+    assert any(torch.int64 in out["main"] for out in results)
+    cm.assert_same(results[0]["expected"], results[0]["loaded"])

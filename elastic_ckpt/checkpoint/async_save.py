@@ -4,7 +4,10 @@
 ``StagingWriter``: DCP's planning (collective over the training process group) happens as for
 ``save``, but ``write_data`` only copies every tensor this rank writes into host buffers that
 a ``HostStager`` allocates once per (fqn, chunk offset, shape, dtype) and reuses, and encodes
-the non-tensor leaves as JSON. Then ``persist`` runs on the manager's one background thread.
+the non-tensor leaves as JSON (``staging``; with ``overlap_staging`` the copies of DTensor
+entries are deferred to the background thread and fenced before the caller's next
+``optimizer.step``). Later saves skip DCP's collective planning while no rank's plan changed
+(``plan_cache``). Then ``persist`` runs on the manager's one background thread.
 
 Coordination is storage-based, never a process group:
 
@@ -40,13 +43,14 @@ from typing import Any, Callable
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
-from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from elastic_ckpt.checkpoint.catalog import CheckpointInfo
 from elastic_ckpt.checkpoint.manifest import COMMITTED_FILE, MANIFEST_FILE, rank_filename
 from elastic_ckpt.checkpoint.planners import placements_of
+from elastic_ckpt.checkpoint.staging import HostStager, StagingFence
 from elastic_ckpt.checkpoint.writer import (
     ShardWriter,
     _Object,
@@ -71,59 +75,6 @@ def failed_name(rank: int) -> str:
     return f"rank-{rank:05d}.failed"
 
 
-class HostStager:
-    """Host buffers for staging, allocated once per key and reused by every later save.
-
-    Pinned when the source is on CUDA (copies ``non_blocking`` on a side stream, synchronized
-    before ``finish_stage`` returns); a plain ``copy_`` into the reused buffer on CPU. Buffers
-    a save did not use are dropped at the end of it, so staging holds one copy of the rank's
-    current state."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple, torch.Tensor] = {}
-        self._used: set[tuple] = set()
-        self._stream: Any = None
-        self._pending_cuda = False
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
-    def begin(self) -> None:
-        self._used = set()
-        self._pending_cuda = False
-
-    def stage(self, fqn: str, offsets: tuple[int, ...], src: torch.Tensor) -> torch.Tensor:
-        src = src.detach()
-        cuda = src.device.type == "cuda"
-        key = (fqn, offsets, tuple(src.shape), src.dtype, cuda)
-        buf = self.buffers.get(key)
-        if buf is None:
-            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=cuda)
-            self.buffers[key] = buf
-        self._used.add(key)
-        if cuda:
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(device=src.device)
-            if not self._pending_cuda:
-                self._stream.wait_stream(torch.cuda.current_stream(src.device))
-                self._pending_cuda = True
-            with torch.cuda.stream(self._stream):
-                buf.copy_(src, non_blocking=True)
-        elif src.device.type == "cpu":
-            buf.copy_(src)
-        else:
-            buf.copy_(src.to("cpu"))
-        return buf
-
-    def finish_stage(self) -> None:
-        if self._pending_cuda:
-            self._stream.synchronize()
-            self._pending_cuda = False
-        for key in [k for k in self.buffers if k not in self._used]:
-            del self.buffers[key]
-
-
 @dataclasses.dataclass
 class _StagedItem:
     index: MetadataIndex
@@ -137,9 +88,15 @@ class StagingWriter(ShardWriter):
     """A ``ShardWriter`` whose ``write_data`` stages instead of writing and whose ``finish``
     only keeps DCP's global metadata: ``persist`` does the writing and the commit later."""
 
-    def __init__(self, directory: Storage, stager: HostStager, **kw: Any) -> None:
+    def __init__(self, directory: Storage, stager: HostStager, *, defer_dtensors: bool = False,
+                 **kw: Any) -> None:
         super().__init__(directory, **kw)
         self.stager = stager
+        self.defer_dtensors = defer_dtensors
+        """Defer the copies of DTensor entries (FSDP2 parameters and their optimizer state,
+        which only ``optimizer.step`` changes); plain tensors (buffers a forward may update,
+        step counters) are always copied before ``write_data`` returns."""
+        self.fence = StagingFence()
         self.staged: list[_StagedItem] = []
         self.objects: dict[MetadataIndex, str] = {}
         self.metadata: Metadata | None = None
@@ -163,10 +120,13 @@ class StagingWriter(ShardWriter):
                 continue
             tensor = planner.resolve_data(item)
             offsets = tuple(item.index.offset or ())
-            buf = self.stager.stage(item.index.fqn, offsets, tensor)
-            placements, mesh, axes = placements_of(flat_state.get(item.index.fqn))
+            value = flat_state.get(item.index.fqn)
+            buf = self.stager.stage(item.index.fqn, offsets, tensor,
+                                    defer=self.defer_dtensors and isinstance(value, DTensor))
+            placements, mesh, axes = placements_of(value)
             self.staged.append(_StagedItem(item.index, buf, placements, mesh, axes))
         self.stager.finish_stage()
+        self.fence = self.stager.fence()
         results = [WriteResult(index=s.index, size_in_bytes=s.buffer.nbytes, storage_data=None)
                    for s in self.staged]
         results += [WriteResult(index=i, size_in_bytes=len(t), storage_data=None)
@@ -181,72 +141,6 @@ class StagingWriter(ShardWriter):
     @property
     def staged_bytes(self) -> int:
         return sum(s.buffer.nbytes for s in self.staged)
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanCache:
-    """What DCP's collective planning decided at the last async save: this rank's local plan
-    (as a signature), its final plan (after deduplication) and the global metadata. Valid for
-    as long as every rank's local plan is unchanged: same keys, shapes, dtypes and shards."""
-
-    signature: tuple
-    final_plan: SavePlan
-    metadata: Metadata
-
-    @classmethod
-    def of(cls, writer: StagingWriter, metadata: Metadata, rank: int,
-           world_size: int) -> "PlanCache | None":
-        if writer.local_plan is None or writer.final_plan is None:
-            return None
-        return cls(plan_signature(writer.local_plan, rank, world_size), writer.final_plan,
-                   metadata)
-
-
-def plan_signature(plan: SavePlan, rank: int, world_size: int) -> tuple:
-    """Everything of a local save plan the global plan depends on."""
-    items = []
-    for item in plan.items:
-        data = item.tensor_data
-        items.append((item.index.fqn, tuple(item.index.offset or ()), item.type.value,
-                      None if data is None else (tuple(data.size), str(data.properties.dtype),
-                                                 tuple(data.chunk.offsets),
-                                                 tuple(data.chunk.sizes))))
-    mappings = plan.planner_data if isinstance(plan.planner_data, dict) else {}
-    return (rank, world_size, tuple(items),
-            tuple(sorted((k, tuple(v)) for k, v in mappings.items())))
-
-
-def stage_with_cached_plan(state: dict[str, Any], writer: StagingWriter, cache: PlanCache,
-                           planner: SavePlanner, *, rank: int, world_size: int,
-                           agree: Callable[[bool], bool],
-                           first_failure: Callable[[BaseException | None],
-                                                   BaseException | None]) -> Metadata | None:
-    """Stage ``state`` with the plans of the last save instead of DCP's collective planning.
-
-    Collective, with the same two collectives on every rank whatever happens: ``agree`` (an
-    AND over ranks) on "my local plan is unchanged", then ``first_failure`` (the lowest
-    rank's exception, or None) after staging. Returns the global metadata, or None (nothing
-    staged; plan with DCP, which also reproduces any error met before the agreement)."""
-    try:
-        flat = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state.items()}
-        planner.set_up_planner(flat, writer.storage_meta(), rank == 0)
-        writer.set_up_storage_writer(rank == 0, rank=rank, use_collectives=True)
-        local = planner.create_local_plan()
-        same = plan_signature(local, rank, world_size) == cache.signature
-    except Exception:  # noqa: BLE001 - dcp.save meets it again and raises it on every rank
-        same = False
-    if not agree(same):
-        return None
-    failure = None
-    try:
-        writer.prepare_local_plan(local)
-        writer.write_data(cache.final_plan, planner).wait()
-    except Exception as exc:  # agreed on below, whatever it is
-        failure = exc
-    failure = first_failure(failure)
-    if failure is not None:
-        raise failure
-    return cache.metadata
 
 
 @dataclasses.dataclass
@@ -267,16 +161,29 @@ class SaveHandle:
     checkpoint is committed (on every rank), or raises the background failure, typed."""
 
     def __init__(self, step: int, future: concurrent.futures.Future, *, staged_s: float,
-                 waited_s: float, staged_bytes: int) -> None:
+                 waited_s: float, staged_bytes: int, fence: StagingFence | None = None) -> None:
         self.step = step
         self._future = future
         self.staged_s = staged_s
-        """Seconds the caller was blocked planning and staging (``waited_s`` excluded)."""
+        """Seconds ``async_save`` blocked the caller planning and staging (``waited_s``
+        excluded)."""
+        self.fence = fence or StagingFence()
         self.waited_s = waited_s
         """Seconds this save waited for the previous one to finish before staging."""
         self.staged_bytes = staged_bytes
         self.persist_s: float | None = None
         """Seconds the background thread spent writing and committing (None until done)."""
+
+    def wait_staged(self, timeout: float | None = None) -> float:
+        """Block until every copy deferred by ``async_save(..., overlap_staging=True)`` is in
+        host memory; after this the caller may change the saved tensors (call it before
+        ``optimizer.step()``). Returns the seconds blocked; immediate without deferral."""
+        return self.fence.wait(timeout)
+
+    @property
+    def stall_s(self) -> float:
+        """Seconds this save blocked the caller: ``staged_s`` plus every ``wait_staged``."""
+        return self.staged_s + self.fence.waited_s
 
     def done(self) -> bool:
         return self._future.done()
@@ -306,6 +213,7 @@ def persist(job: PersistJob) -> CheckpointInfo:
     """Background thread: write this rank's file and markers; the coordinator commits."""
     directory = job.writer.directory
     try:
+        _copy_deferred(job.writer)
         results = _write_rank(job)
     except BaseException as exc:
         error = _typed(exc, job, rank_filename(job.rank))
@@ -330,6 +238,14 @@ def _reraise(error: BaseException, cause: BaseException) -> None:
     if error is cause:
         raise error
     raise error from cause
+
+
+def _copy_deferred(writer: StagingWriter) -> None:
+    start = time.perf_counter()
+    try:
+        writer.stager.copy_deferred()
+    finally:  # the caller never waits forever on its fence, whatever happened here
+        writer.fence.release(time.perf_counter() - start)
 
 
 def _write_rank(job: PersistJob) -> list[dict[str, Any]]:

@@ -27,15 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from elastic_ckpt.checkpoint.async_save import (
-    HostStager,
-    PersistJob,
-    PlanCache,
-    SaveHandle,
-    StagingWriter,
-    run_persist,
-    stage_with_cached_plan,
-)
+from elastic_ckpt.checkpoint.async_save import PersistJob, SaveHandle, StagingWriter, run_persist
 from elastic_ckpt.checkpoint.catalog import Catalog, CheckpointInfo
 from elastic_ckpt.checkpoint.manifest import (
     COMMITTED_FILE,
@@ -43,10 +35,12 @@ from elastic_ckpt.checkpoint.manifest import (
     encode_json_value,
     step_dirname,
 )
+from elastic_ckpt.checkpoint.plan_cache import PlanCache, stage_with_cached_plan
 from elastic_ckpt.checkpoint.planners import JsonLoadPlanner, JsonSavePlanner
 from elastic_ckpt.checkpoint.reader import ReadStats, ShardReader
 from elastic_ckpt.checkpoint.recycle import FilePool
 from elastic_ckpt.checkpoint.retention import steps_to_delete, validate_retention
+from elastic_ckpt.checkpoint.staging import HostStager
 from elastic_ckpt.checkpoint.writer import PhaseCallback, ShardWriter
 from elastic_ckpt.errors import (
     CheckpointCorruptError,
@@ -118,6 +112,7 @@ class CheckpointManager:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_flight: SaveHandle | None = None
         self._plans: PlanCache | None = None
+        self._async_saves = 0
 
     @property
     def staging_bytes(self) -> int:
@@ -136,6 +131,12 @@ class CheckpointManager:
             if handle.done():
                 self._in_flight = None
         return handle
+
+    def wait_staged(self) -> float:
+        """Wait for the deferred copies of the async save in flight (see ``async_save``'s
+        ``overlap_staging``); returns the seconds blocked."""
+        handle = self._in_flight
+        return 0.0 if handle is None else handle.wait_staged()
 
     # -- queries (local) ---------------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
@@ -194,7 +195,8 @@ class CheckpointManager:
         # dcp.save hands every rank the global metadata, so no extra collective is needed.
         return self._info(step, name, metadata, extra)
 
-    def async_save(self, step: int, state: dict[str, Any]) -> SaveHandle:
+    def async_save(self, step: int, state: dict[str, Any], *,
+                   overlap_staging: bool = False) -> SaveHandle:
         """Stage ``state`` as checkpoint ``step`` into host memory and return; writing,
         fsync, manifest, ``COMMITTED`` and retention run on this manager's background thread.
 
@@ -203,7 +205,13 @@ class CheckpointManager:
         sources), so the caller may change its parameters as soon as this returns. At most one
         save is in flight: this first waits for the previous one (``SaveHandle.waited_s``).
         The background thread coordinates the commit through storage markers, never a process
-        group (see ``elastic_ckpt.checkpoint.async_save``). Errors found before returning
+        group (see ``elastic_ckpt.checkpoint.async_save``).
+
+        ``overlap_staging=True`` defers the copies of DTensor entries (FSDP2 parameters and
+        their optimizer state) to the background thread, so they overlap the caller's next
+        forward/backward: the caller must call ``handle.wait_staged()`` before it changes them
+        (before ``optimizer.step()``). Plain tensors (buffers, step counters) are still copied
+        before this returns. Errors found before returning
         (step already committed, a leaf that is not JSON-able) raise here, on every rank.
         """
         self._check_step(step)
@@ -211,24 +219,35 @@ class CheckpointManager:
         start = time.perf_counter()
         dcp_state, extra = _split_state(state)
         name = step_dirname(step)
-        failure, token = None, uuid.uuid4().hex
+        self._async_saves += 1
+        failure = None
         if self._rank() == 0:
             try:
                 self._prepare_directory(step, name)
             except Exception as exc:  # every rank must raise, or the others block in dcp.save
                 failure = exc
-        failure, token = self._broadcast((failure, token))
-        if failure is not None:
-            raise failure
-        writer = StagingWriter(self.root.child(name), self._stager, step=step, extra=extra,
-                               block_size_bytes=self.block_size_bytes, on_phase=self.on_phase,
-                               process_group=self.process_group, pool=self._lender())
-        metadata = self._stage_cached(dcp_state, writer) if self._plans is not None else None
+
+        def staging_writer() -> StagingWriter:
+            return StagingWriter(self.root.child(name), self._stager, step=step, extra=extra,
+                                 block_size_bytes=self.block_size_bytes,
+                                 on_phase=self.on_phase, process_group=self.process_group,
+                                 pool=self._lender(), defer_dtensors=overlap_staging)
+
+        writer, metadata = staging_writer(), None
+        if self._plans is not None:  # one all-reduce when no rank's plan changed
+            token = f"{self._plans.token}-{self._async_saves}"
+            metadata = self._stage_cached(dcp_state, writer, failure)
+            failure = None  # raised on every rank by _stage_cached, had there been one
         if metadata is None:  # DCP's collective planning, remembered for the next save
+            failure, token = self._broadcast((failure, uuid.uuid4().hex))
+            if failure is not None:
+                raise failure
+            writer = staging_writer()
             metadata = self._run_dcp(lambda: dcp.save(dcp_state, storage_writer=writer,
                                                       planner=JsonSavePlanner(),
                                                       process_group=self.process_group))
-            self._plans = PlanCache.of(writer, metadata, self._rank(), self._world_size())
+            self._plans = PlanCache.of(writer, metadata, self._rank(), self._world_size(),
+                                       token)
         writer.metadata = metadata
         job = PersistJob(writer=writer, rank=self._rank(), world_size=self._world_size(),
                          token=token, info=self._info(step, name, metadata, extra),
@@ -236,7 +255,7 @@ class CheckpointManager:
                          after_commit=lambda: self._apply_retention(in_progress=frozenset()))
         handle = SaveHandle(step, concurrent.futures.Future(),
                             staged_s=time.perf_counter() - start, waited_s=waited,
-                            staged_bytes=writer.staged_bytes)
+                            staged_bytes=writer.staged_bytes, fence=writer.fence)
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="elastic-ckpt-persist")
@@ -244,28 +263,30 @@ class CheckpointManager:
         self._executor.submit(run_persist, job, handle)
         return handle
 
-    def _stage_cached(self, dcp_state: dict[str, Any], writer: StagingWriter) -> Any:
+    def _stage_cached(self, dcp_state: dict[str, Any], writer: StagingWriter,
+                      failure: BaseException | None) -> Any:
         """Stage with the last async save's plans when no rank's plan changed: one small
-        all-reduce and one gather of (no) errors instead of DCP's gathers and scatters of
-        plans and metadata. None (cache dropped): plan with DCP."""
+        all-reduce instead of DCP's gathers and scatters of plans and metadata (and the
+        broadcast of a token). Raises, on every rank, any rank's ``failure`` or staging error.
+        None (cache dropped): plan with DCP."""
         metadata = stage_with_cached_plan(
             dcp_state, writer, self._plans, JsonSavePlanner(), rank=self._rank(),
-            world_size=self._world_size(), agree=self._all_true,
+            world_size=self._world_size(), failure=failure, count=self._sum,
             first_failure=self._first_failure)
         if metadata is None:
             self._plans = None
         return metadata
 
-    def _all_true(self, value: bool) -> bool:
-        """Collective: ``value`` on every rank."""
+    def _sum(self, values: list[int]) -> list[int]:
+        """Collective: the sum of ``values`` over ranks, in one small all-reduce."""
         if not dist.is_initialized() or self._world_size() == 1:
-            return value
+            return values
         device = "cpu"
         if "nccl" in str(dist.get_backend(self.process_group)) and torch.cuda.is_available():
             device = f"cuda:{torch.cuda.current_device()}"
-        flag = torch.tensor([1 if value else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
-        return bool(flag.item())
+        flags = torch.tensor(values, dtype=torch.int64, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.process_group)
+        return [int(v) for v in flags.tolist()]
 
     def _check_step(self, step: int) -> None:
         if not isinstance(step, int) or step < 0:
@@ -295,8 +316,10 @@ class CheckpointManager:
         ``CORRUPT`` (kept on storage, no longer listed) and the next older committed one is
         loaded, and so on; ``last_skipped`` then names what was skipped and why. State a
         failed attempt half-wrote is overwritten in full by the checkpoint that loads; if none
-        loads, the last error is raised.
+        loads, the last error is raised. Waits first for the deferred staging copies of an
+        async save in flight (they read the tensors this overwrites).
         """
+        self.wait_staged()
         self.last_skipped = []
         if step is not None:
             return self._load_step(state, step)

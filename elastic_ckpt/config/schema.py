@@ -81,6 +81,11 @@ class CheckpointConfig(_Section):
     """Interval saves stage the state into host memory and return; writing, fsync and commit
     run in the background (one save in flight). Saves on a stop request, before a resize and
     at the end are always committed before the ranks return."""
+    overlap_staging: bool = True
+    """With ``async_save``: copy the sharded parameters and optimizer state into host memory
+    while the next step's forward/backward runs, waiting (if at all) just before its
+    ``optimizer.step``; buffers and step counters are copied before the save returns. Off:
+    every copy is made before training resumes."""
     max_failed_saves: PositiveInt = 3
     """Consecutive failed saves (ENOSPC, an object-store error) the run tolerates, each a
     warning, before it fails naming the cause and the last committed checkpoint."""

@@ -283,7 +283,8 @@ class RankTrainer:
         state = {"app": app, "model": record,
                  "trainer": self._trainer_state(step, tokens_seen)}
         if self.config.checkpoint.async_save and not final:
-            handle = self._in_flight = self.ckpt.async_save(step, state)
+            handle = self._in_flight = self.ckpt.async_save(
+                step, state, overlap_staging=self.config.checkpoint.overlap_staging)
             self.hooks.on_event("checkpoint_staged", {
                 "step": step, "seconds": time.perf_counter() - t0, "waited_s": waited,
                 "staged_s": handle.staged_s, "staging_bytes": self.ckpt.staging_bytes})
@@ -327,7 +328,7 @@ class RankTrainer:
         self._in_flight, self.last_committed, self._failed_saves = None, info, 0
         self.hooks.on_event("checkpoint", {
             "seconds": handle.staged_s + handle.persist_s, "step": step,
-            "bytes": info.total_bytes, "async": True, "stall_s": handle.staged_s,
+            "bytes": info.total_bytes, "async": True, "stall_s": handle.stall_s,
             "persist_s": handle.persist_s, "staging_bytes": self.ckpt.staging_bytes})
         return time.perf_counter() - t0
 
@@ -365,6 +366,7 @@ class RankTrainer:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
         stop_local = 1.0 if self.hooks.should_stop() else 0.0
         stats, work = sums.start_reduce([stop_local])  # overlaps the optimizer step
+        self.ckpt.wait_staged()  # an async save's deferred copies are made before the step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
