@@ -158,10 +158,10 @@ def die_before_durable(root: str) -> None:
     torch.save(cm.full_state(model, opt), os.path.join(root, "expected.pt"))
     mgr.save(1, state_of(model, opt, 1))
 
-    def close(self, durable: bool) -> None:
+    def sync(self) -> None:
         os._exit(1)
 
-    storage_fs._LocalWriter.close = close
+    storage_fs._LocalWriter.sync = sync
     bump(model)
     mgr.async_save(2, state_of(model, opt, 2))
     time.sleep(60)  # the background thread exits the process
@@ -256,10 +256,10 @@ def rank_dies_in_background(rank: int, world_size: int, root: str) -> str | None
     if rank == 0:
         torch.save(expected, os.path.join(root, "expected.pt"))
     if rank == 1:
-        def close(self, durable: bool) -> None:
+        def sync(self) -> None:
             os._exit(1)
 
-        storage_fs._LocalWriter.close = close
+        storage_fs._LocalWriter.sync = sync
     bump(model)
     handle = mgr.async_save(2, state_of(model, opt, 2))
     try:
@@ -294,10 +294,10 @@ def all_ranks_die_in_background(rank: int, world_size: int, root: str) -> None:
     if rank == 0:
         torch.save(expected, os.path.join(root, "expected.pt"))
 
-    def close(self, durable: bool) -> None:
+    def sync(self) -> None:
         os._exit(3)
 
-    storage_fs._LocalWriter.close = close
+    storage_fs._LocalWriter.sync = sync
     bump(model)
     mgr.async_save(3, state_of(model, opt, 3))  # returned: staged; the persist kills us
     time.sleep(60)

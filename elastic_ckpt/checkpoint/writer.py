@@ -312,33 +312,44 @@ def write_rank_file(directory: Storage, rank: int, target: str,
     ``target`` is (a rewrite writes aside first). With a ``pool``, ``target`` is a recycled
     file overwritten in place when the pool has one."""
     name = rank_filename(rank)
-    out_list: list[tuple[MetadataIndex, _Written]] = []
+    # (index, offset, length, checksums or None, the bytes when None, placements triple)
+    written: list[tuple[MetadataIndex, int, int, Any, Any, tuple]] = []
     in_place = pool is not None and pool.take(rank, directory, target)
-    # A large chunk's checksums are computed on a second thread while the write syscall
-    # (which releases the GIL) copies the same bytes out: one pass over memory hides the other.
+    # Checksums cost CPU the write syscalls need too, but nothing while the device flushes:
+    # host-memory chunks are checksummed (from memory, not the file) during the fsync. A chunk
+    # copied from a device is checksummed as it is written, so its host copy can go.
     with directory.open_write(target, in_place=in_place) as out, \
-            ThreadPoolExecutor(1, thread_name_prefix="ckpt-crc") as crc_thread:
-        for index, tensor, (placements, mesh, axes) in chunks:
-            if tensor.device.type != "cpu":
-                tensor = tensor.to("cpu")
-            data = tensor_bytes(tensor)
+            ThreadPoolExecutor(1, thread_name_prefix="ckpt-fsync") as helper:
+        for index, tensor, meta in chunks:
+            resident = tensor.device.type == "cpu"
+            data = tensor_bytes(tensor if resident else tensor.to("cpu"))
             offset = out.offset
-            if len(data) >= _OVERLAP_BYTES:
-                sums = crc_thread.submit(checksum.block_checksums, data, block_size)
+            sums = None  # host memory: checksummed during the fsync below
+            if resident:
                 out.write(data)
-                sums = sums.result()
+            elif len(data) >= _OVERLAP_BYTES:
+                future = helper.submit(checksum.block_checksums, data, block_size)
+                out.write(data)
+                sums = future.result()
             else:
                 out.write(data)
                 sums = checksum.block_checksums(data, block_size)
-            out_list.append((index, _Written(
-                file=name, byte_offset=offset, byte_length=len(data), rank=rank,
-                checksums=checksum.encode(sums), placements=placements, mesh_shape=mesh,
-                mesh_dim_names=axes)))
-    return out_list
+            written.append((index, offset, len(data), sums, data if resident else None, meta))
+        flushed = helper.submit(out.sync)
+        try:
+            final = [(index, offset, length,
+                      checksum.block_checksums(data, block_size) if sums is None else sums, meta)
+                     for index, offset, length, sums, data, meta in written]
+        finally:
+            flushed.result()
+    return [(index, _Written(file=name, byte_offset=offset, byte_length=length, rank=rank,
+                             checksums=checksum.encode(sums), placements=placements,
+                             mesh_shape=mesh, mesh_dim_names=axes))
+            for index, offset, length, sums, (placements, mesh, axes) in final]
 
 
 _OVERLAP_BYTES = 1 << 20
-"""Chunks from this size up are checksummed on a second thread during their write."""
+"""Device chunks from this size up are checksummed on a second thread during their write."""
 
 
 _ASIDE_SUFFIX = ".tmp"

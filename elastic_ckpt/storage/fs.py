@@ -263,6 +263,7 @@ class _LocalWriter:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if in_place else os.O_TRUNC),
                           0o644)
         self.offset = 0
+        self._synced = False
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -270,15 +271,24 @@ class _LocalWriter:
         while view:
             view = view[os.write(self.fd, view):]
         self.offset += n
+        self._synced = False
         return n
+
+    def sync(self) -> None:
+        """Make what was written so far durable (``close`` then skips its fsync). Releases the
+        GIL for the device's time: a caller may compute on another thread meanwhile."""
+        if self.in_place:
+            os.ftruncate(self.fd, self.offset)  # drop what a longer old file had beyond
+        os.fsync(self.fd)
+        self._synced = True
 
     def close(self, durable: bool) -> None:
         if self.fd < 0:
             return
         try:
-            if self.in_place:
+            if self.in_place and not self._synced:
                 os.ftruncate(self.fd, self.offset)  # drop what a longer old file had beyond
-            if durable:
+            if durable and not self._synced:
                 os.fsync(self.fd)
         finally:
             os.close(self.fd)
@@ -304,6 +314,9 @@ class _ArrowWriter:
         self.stream.write(view)
         self.offset += len(view)
         return len(view)
+
+    def sync(self) -> None:
+        """Nothing to do early: an object becomes durable when ``close`` completes it."""
 
     def close(self, durable: bool) -> None:
         if not self.stream.closed:
