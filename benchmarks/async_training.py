@@ -57,8 +57,9 @@ CASES = ("none", "thread", "overlap", "process")
 GOAL = 0.95
 
 _CHILD = textwrap.dedent("""
-    import json, os, sys, time
+    import json, os, sys, time, warnings
     import numpy as np, torch
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")  # read-only
     from torch.distributed.checkpoint.metadata import MetadataIndex
     from elastic_ckpt.checkpoint.manifest import rank_filename, step_dirname
     from elastic_ckpt.checkpoint.recycle import FilePool
