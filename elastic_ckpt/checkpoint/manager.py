@@ -202,7 +202,7 @@ class CheckpointManager:
 
         Collective, like ``save``: DCP's planning runs here, on the training process group,
         and every tensor this rank writes is copied into reused host buffers (pinned for CUDA
-        sources), so the caller may change its parameters as soon as this returns. At most one
+        sources), so the caller may change its state as soon as this returns. At most one
         save is in flight: this first waits for the previous one (``SaveHandle.waited_s``).
         The background thread coordinates the commit through storage markers, never a process
         group (see ``elastic_ckpt.checkpoint.async_save``).
@@ -211,8 +211,10 @@ class CheckpointManager:
         their optimizer state) to the background thread, so they overlap the caller's next
         forward/backward: the caller must call ``handle.wait_staged()`` before it changes them
         (before ``optimizer.step()``). Plain tensors (buffers, step counters) are still copied
-        before this returns. Errors found before returning
-        (step already committed, a leaf that is not JSON-able) raise here, on every rank.
+        before this returns.
+
+        Errors found before returning (step already committed, a leaf that is not JSON-able)
+        raise here, on every rank.
         """
         self._check_step(step)
         waited = self.last_waited_s = self._wait_previous()
