@@ -79,7 +79,8 @@ _CHILD = textwrap.dedent("""
         t0 = time.perf_counter()
         name = step_dirname(step)
         root.makedirs(name)
-        write_rank_file(root.child(name), rank, rank_filename(rank), chunks, 1 << 15, pool=pool)
+        write_rank_file(root.child(name), rank, rank_filename(rank), chunks, 1 << 15, pool=pool,
+                        checksum_during_fsync=True)
         old = step_dirname(step - 2)  # keep two, recycle the rest (as keep_last=2)
         if root.exists(old):
             pool.donate(old, step - 2)

@@ -429,3 +429,35 @@ def test_overlapped_staging_defers_dtensor_copies_behind_the_fence(tmp_path) -> 
     # the ``seen`` buffer (deduplicated to one rank) is copied before async_save returns
     assert any(torch.int64 in out["main"] for out in results)
     cm.assert_same(results[0]["expected"], results[0]["loaded"])
+
+
+def cached_plan_edge_cases(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    mgr = CheckpointManager(root, keep_last=None, persist_timeout_s=60)
+    model, opt = trained(1)
+    mgr.async_save(1, state_of(model, opt, 1)).result(timeout=60)
+    first = mgr._plans
+    state = state_of(model, opt, 2)
+    if rank == 1:  # only this rank's plan changes: every rank must plan with DCP again
+        state["more"] = {"w": torch.arange(5.0)}
+    info = mgr.async_save(2, state).result(timeout=60)
+    out: dict[str, Any] = {"replanned": mgr._plans is not first, "uri": info.uri}
+    try:  # cached path; rank 0 finds step 2 committed: raised on every rank, nothing hangs
+        mgr.async_save(2, state)
+        out["error"] = None
+    except CheckpointSaveError as exc:
+        out["error"] = str(exc)
+    out["step3"] = mgr.async_save(3, state).result(timeout=60).step
+    out["latest"] = mgr.latest().step
+    return out
+
+
+@pytest.mark.dist
+def test_cached_plans_when_one_rank_changes_or_rank_0_fails(tmp_path) -> None:
+    results = run_ranks(2, cached_plan_edge_cases, str(tmp_path), timeout_s=120)
+    for out in results:
+        assert out["replanned"], out
+        assert out["error"] and "already committed" in out["error"], out
+        assert out["step3"] == 3 and out["latest"] == 3, out
+    verify(results[0]["uri"])
+    with open(os.path.join(results[0]["uri"], "manifest.json")) as f:
+        assert "more" in f.read(), "rank 1's new entry is in the replanned checkpoint"

@@ -253,7 +253,8 @@ def _write_rank(job: PersistJob) -> list[dict[str, Any]]:
     chunks = ((item.index, item.buffer, (item.placements, item.mesh_shape, item.mesh_dim_names))
               for item in writer.staged)
     written = write_rank_file(writer.directory, job.rank, rank_filename(job.rank), chunks,
-                              writer.block_size, pool=writer.pool)
+                              writer.block_size, pool=writer.pool,
+                              checksum_during_fsync=True)  # private staging buffers
     out_results: list[dict[str, Any]] = [
         {"fqn": index.fqn, "offset": list(index.offset or ()), **dataclasses.asdict(w)}
         for index, w in written]

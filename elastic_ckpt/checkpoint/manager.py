@@ -186,7 +186,8 @@ class CheckpointManager:
             raise failure
         writer = ShardWriter(self.root.child(name), step=step, extra=extra,
                              block_size_bytes=self.block_size_bytes, on_phase=self.on_phase,
-                             process_group=self.process_group, pool=self._lender())
+                             process_group=self.process_group, pool=self._lender(),
+                             checksum_during_fsync=True)  # the caller waits: nothing changes
         metadata = self._run_dcp(lambda: dcp.save(dcp_state, storage_writer=writer,
                                        planner=JsonSavePlanner(),
                                        process_group=self.process_group))

@@ -73,6 +73,7 @@ class HostStager:
             self._pending_cuda = True
         with torch.cuda.stream(self._stream):
             buf.copy_(src, non_blocking=True)
+        src.record_stream(self._stream)  # its memory is not reused before the copy ran
 
     def finish_stage(self) -> None:
         """Every non-deferred copy is complete (CUDA: synchronized) when this returns; CUDA
@@ -84,7 +85,7 @@ class HostStager:
         if cuda:
             for buf, src in cuda:
                 self._copy_on_side_stream(buf, src)
-            self._cuda_done = torch.cuda.Event()
+            self._cuda_done = torch.cuda.Event(blocking=True)  # the persist thread sleeps
             self._cuda_done.record(self._stream)
             self._pending_cuda = False
         self._deferred = [(b, s) for b, s in self._deferred if s.device.type != "cuda"]

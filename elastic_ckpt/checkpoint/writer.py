@@ -120,6 +120,7 @@ class ShardWriter(StorageWriter):
         on_phase: PhaseCallback | None = None,
         process_group: dist.ProcessGroup | None = None,
         pool: FilePool | None = None,
+        checksum_during_fsync: bool = False,
         single_file_per_rank: bool = True,
         sync_files: bool = True,
         thread_count: int = 1,
@@ -142,6 +143,10 @@ class ShardWriter(StorageWriter):
         self.on_phase = on_phase or (lambda phase: None)
         self.process_group = process_group
         self.pool = pool
+        self.checksum_during_fsync = checksum_during_fsync
+        """Checksum host tensors during the fsync (faster), not as each is written: only for
+        callers whose tensors cannot change until the save returns (``CheckpointManager``),
+        not under ``dcp.async_save``, whose background write reads live CPU tensors."""
         self.rank = 0
         self.is_coordinator = False
         self.save_id = uuid.uuid4().hex
@@ -215,7 +220,8 @@ class ShardWriter(StorageWriter):
                                storage_data=written)
                    for index, written in write_rank_file(
                        self.directory, self.rank, target, chunks, self.block_size,
-                       pool=None if plan.storage_data else self.pool)]
+                       pool=None if plan.storage_data else self.pool,
+                       checksum_during_fsync=self.checksum_during_fsync)]
         for index, text in objects.items():
             results.append(WriteResult(index=index, size_in_bytes=len(text),
                                        storage_data=_Object(text)))
@@ -305,24 +311,32 @@ class ShardWriter(StorageWriter):
 def write_rank_file(directory: Storage, rank: int, target: str,
                     chunks: Iterable[tuple[MetadataIndex, torch.Tensor, tuple]],
                     block_size: int, pool: FilePool | None = None,
+                    checksum_during_fsync: bool = False,
                     ) -> list[tuple[MetadataIndex, _Written]]:
     """Write one rank's chunks, in order, into ``target`` (durable when this returns) and say
     where each landed, with its block checksums. ``chunks`` yields (index, tensor, the
     ``placements_of`` triple); the storage data names the rank's final file name, whatever
     ``target`` is (a rewrite writes aside first). With a ``pool``, ``target`` is a recycled
-    file overwritten in place when the pool has one."""
+    file overwritten in place when the pool has one.
+
+    ``checksum_during_fsync``: the caller guarantees the chunks do not change until this
+    returns (private staging buffers, a blocking save); contiguous host chunks are then
+    checksummed from memory while another thread runs the fsync instead of while they are
+    written, which leaves the write syscalls the cores. Otherwise (and for chunks that had to
+    be copied: from a device, or not contiguous; and on object stores, whose fsync is the
+    upload at close) each chunk is checksummed as it is written, from the bytes written."""
     name = rank_filename(rank)
     # (index, offset, length, checksums or None, the bytes when None, placements triple)
     written: list[tuple[MetadataIndex, int, int, Any, Any, tuple]] = []
     in_place = pool is not None and pool.take(rank, directory, target)
-    # Checksums cost CPU the write syscalls need too, but nothing while the device flushes:
-    # host-memory chunks are checksummed (from memory, not the file) during the fsync. A chunk
-    # copied from a device is checksummed as it is written, so its host copy can go.
     with directory.open_write(target, in_place=in_place) as out, \
             ThreadPoolExecutor(1, thread_name_prefix="ckpt-fsync") as helper:
         for index, tensor, meta in chunks:
-            resident = tensor.device.type == "cpu"
-            data = tensor_bytes(tensor if resident else tensor.to("cpu"))
+            # A copy (from a device, or of a non-contiguous tensor) is checksummed now, so it
+            # can be freed after its write.
+            resident = (checksum_during_fsync and directory.is_local
+                        and tensor.device.type == "cpu" and tensor.is_contiguous())
+            data = tensor_bytes(tensor if tensor.device.type == "cpu" else tensor.to("cpu"))
             offset = out.offset
             sums = None  # host memory: checksummed during the fsync below
             if resident:
