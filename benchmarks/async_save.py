@@ -10,6 +10,9 @@ python benchmarks/async_save.py --gb 0.2 --repeats 1
 Per size, in one freshly spawned gloo group (W=2, ``fully_shard`` per block + root, one AdamW
 step), each repeat runs the three back to back, alternating their order:
 
+* ``raw overwrite``: the ceiling, timed like the others and in the same rotation: each rank
+  ``os.write``s its own tensors' bytes over an allocated file of that size, then ``fsync``
+  (no format, no checksums, no commit);
 * ``save``: ``CheckpointManager.save`` (the caller waits for write, fsync and commit);
 * ``async_save``: ``CheckpointManager.async_save`` (returns once the state is staged into
   reused host buffers), then ``handle.result()``;
@@ -49,11 +52,12 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import GB, banner, loadavg, markdown_table, run_group  # noqa: E402
-from _models import build, local_state_bytes, model_dims, train_step  # noqa: E402
+from _models import build, local_state_bytes, local_tensors, model_dims, train_step  # noqa: E402,E501
 
 from elastic_ckpt.checkpoint import AppState, CheckpointManager  # noqa: E402
 
-CASES = ("save", "async_save", "async_save overlapped", "dcp.async_save")
+CASES = ("raw overwrite", "save", "async_save", "async_save overlapped", "dcp.async_save")
+RAW = "raw overwrite"
 OVERLAP = "async_save overlapped"
 STEP_TOKEN_GB = 205
 """Default tokens per rank of the overlapped case's step: 205 / GB of state (512 at 0.4 GB,
@@ -78,7 +82,10 @@ def _one(case: str, app: AppState, root: str, step: int, mgr: CheckpointManager,
     """(stall seconds, seconds until durable) of one checkpoint on this rank."""
     dist.barrier()
     t0 = time.perf_counter()
-    if case == OVERLAP:
+    if case == RAW:
+        _raw_overwrite(app, os.path.join(root, f"raw-{dist.get_rank()}.bin"))
+        stall = done = time.perf_counter() - t0
+    elif case == OVERLAP:
         handle = mgr.async_save(step, {"app": app}, overlap_staging=True)
         returned = time.perf_counter() - t0
         next_step(handle.wait_staged)
@@ -104,6 +111,18 @@ def _one(case: str, app: AppState, root: str, step: int, mgr: CheckpointManager,
     return stall, done
 
 
+def _raw_overwrite(app: AppState, path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for _, tensor in local_tensors(app):
+            view = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _drop_old_dcp(case: str, rank: int, root: str, step: int) -> None:
     """DCP keeps everything: remove all but its newest directory (as keep_last=1), untimed."""
     if case == "dcp.async_save" and rank == 0:
@@ -120,7 +139,7 @@ def phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     root = cfg["dir"]
     mgrs = {case: CheckpointManager(os.path.join(root, case.replace(".", "_").replace(" ", "_")),
                                     keep_last=1)
-            for case in CASES[:3]}
+            for case in ("save", "async_save", OVERLAP)}
 
     def next_step(fence: Any) -> None:
         train_step(model, optimizer, dims, tokens=cfg["step_tokens"], before_step=fence)
@@ -153,7 +172,7 @@ def phase(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 HEADERS = ["state", "case", "stall s", "durable s", "stall / sync save", "persist GB/s",
-           "persist / best raw write"]
+           "persist / raw overwrite", "persist / best raw write"]
 
 
 def run(sizes: list[float], repeats: int, parent: str | None,
@@ -177,18 +196,20 @@ def run(sizes: list[float], repeats: int, parent: str | None,
             stall = statistics.median(max(s for s, _ in ranks) for ranks in per_repeat)
             done = statistics.median(max(d for _, d in ranks) for ranks in per_repeat)
             # the write, fsync and commit alone (all of a sync save)
-            persist = statistics.median(max(d - (0 if case == "save" else s) for s, d in ranks)
+            apart = case in ("save", RAW)  # all of it is the persist
+            persist = statistics.median(max(d - (0 if apart else s) for s, d in ranks)
                                         for ranks in per_repeat)
             if case == OVERLAP:  # the next step ran meanwhile: the persist is not apart
                 persist = float("nan")
             med[case] = (stall, done, persist)
-        sync = med["save"][0]
+        sync, raw = med["save"][0], med[RAW][2]
         for case in CASES:
             stall, done, persist = med[case]
             rate = state / persist
             apart = not math.isnan(rate)
             rows.append([f"{state / GB:.2f} GB", case, f"{stall:.3f}", f"{done:.3f}",
                          f"{stall / sync:.3f}x", f"{rate / GB:.2f}" if apart else "-",
+                         f"{raw / persist:.2f}x" if apart else "-",
                          f"{rate / write_rate:.2f}x" if write_rate and apart else "-"])
         print(f"{gb} GB: a training step of {tokens} tokens per rank takes "
               f"{max(r['step_s'] for r in results):.3f} s without a save; "

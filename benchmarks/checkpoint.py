@@ -545,8 +545,10 @@ def _async_sections(args, raw: list[dict[str, float]]) -> None:
     print(markdown_table(async_save.HEADERS, rows))
     print(f"\nStall: seconds the caller is blocked (max over ranks), median of "
           f"{max(3, args.repeats)}. Persist: write, fsync and commit (durable minus stall; all "
-          f"of a sync save). Best raw write in this run: {best / GB:.2f} GB/s (new file or "
-          "overwrite, whichever was faster). elastic_ckpt keeps 1 (keep_last=1: after two "
+          f"of a sync save). Persist / raw overwrite: against the 'raw overwrite' case of the "
+          "same rotation (each rank os.writes its tensors' bytes over an allocated file + "
+          f"fsync). Best raw write in this run: {best / GB:.2f} GB/s (the raw I/O runs above: "
+          "new file or overwrite, whichever was faster). elastic_ckpt keeps 1 (keep_last=1: after two "
           "untimed saves, every timed one overwrites recycled files), DCP writes a new "
           "directory per step (the older ones removed, untimed).\n", flush=True)
     rows = async_training.run(sizes, "blocks", 4, max(3, args.repeats), args.dir)
