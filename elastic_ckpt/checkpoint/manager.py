@@ -29,6 +29,14 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from elastic_ckpt.checkpoint.async_save import PersistJob, SaveHandle, StagingWriter, run_persist
 from elastic_ckpt.checkpoint.catalog import Catalog, CheckpointInfo
+from elastic_ckpt.checkpoint.collectives import (
+    broadcast_from_rank0,
+    first_failure,
+    from_rank,
+    group_rank,
+    group_size,
+    sum_over_ranks,
+)
 from elastic_ckpt.checkpoint.manifest import (
     COMMITTED_FILE,
     decode_json_value,
@@ -280,17 +288,6 @@ class CheckpointManager:
             self._plans = None
         return metadata
 
-    def _sum(self, values: list[int]) -> list[int]:
-        """Collective: the sum of ``values`` over ranks, in one small all-reduce."""
-        if not dist.is_initialized() or self._world_size() == 1:
-            return values
-        device = "cpu"
-        if "nccl" in str(dist.get_backend(self.process_group)) and torch.cuda.is_available():
-            device = f"cuda:{torch.cuda.current_device()}"
-        flags = torch.tensor(values, dtype=torch.int64, device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.process_group)
-        return [int(v) for v in flags.tolist()]
-
     def _check_step(self, step: int) -> None:
         if not isinstance(step, int) or step < 0:
             raise CheckpointSaveError(f"step must be a non-negative int, got {step!r}")
@@ -428,33 +425,21 @@ class CheckpointManager:
         except CheckpointException as exc:
             raise _unwrap(exc) from None
 
+    # The small collectives over this manager's process group (``collectives``).
     def _rank(self) -> int:
-        return dist.get_rank(self.process_group) if dist.is_initialized() else 0
+        return group_rank(self.process_group)
 
     def _world_size(self) -> int:
-        return dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+        return group_size(self.process_group)
+
+    def _sum(self, values: list[int]) -> list[int]:
+        return sum_over_ranks(values, self.process_group)
 
     def _first_failure(self, failure: BaseException | None) -> BaseException | None:
-        """Collective: the lowest rank's failure (as it raised it, rank named), or None."""
-        if not dist.is_initialized() or self._world_size() == 1:
-            return failure
-        gathered: list[Any] = [None] * self._world_size()
-        dist.all_gather_object(gathered, failure, group=self.process_group)
-        for rank, exc in enumerate(gathered):
-            if exc is None:
-                continue
-            if rank == self._rank():
-                return failure
-            return _from_rank(exc, rank) if isinstance(exc, ElasticCkptError) else exc
-        return None
+        return first_failure(failure, self.process_group)
 
     def _broadcast(self, value: Any) -> Any:
-        if not dist.is_initialized() or self._world_size() == 1:
-            return value
-        box = [value]
-        src = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
-        dist.broadcast_object_list(box, src=src, group=self.process_group)
-        return box[0]
+        return broadcast_from_rank0(value, self.process_group)
 
 
 def default_read_threads() -> int:
@@ -505,11 +490,5 @@ def _unwrap(exc: CheckpointException) -> BaseException:
     for rank in sorted(failures):
         inner = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
         if isinstance(inner, ElasticCkptError):
-            return _from_rank(inner, rank)
+            return from_rank(inner, rank)
     return CheckpointError(f"checkpoint operation failed: {exc}")
-
-
-def _from_rank(exc: ElasticCkptError, rank: int) -> ElasticCkptError:
-    """``exc`` as raised on another rank: same type and details, the rank named."""
-    return type(exc)(f"rank {rank}: {exc.message}", rank=rank,
-                     **{k: v for k, v in exc.details.items() if k != "rank"})
