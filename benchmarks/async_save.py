@@ -55,6 +55,7 @@ from _common import GB, banner, loadavg, markdown_table, run_group  # noqa: E402
 from _models import build, local_state_bytes, local_tensors, model_dims, train_step  # noqa: E402,E501
 
 from elastic_ckpt.checkpoint import AppState, CheckpointManager  # noqa: E402
+from elastic_ckpt.checkpoint.writer import tensor_bytes  # noqa: E402
 
 CASES = ("raw overwrite", "save", "async_save", "async_save overlapped", "dcp.async_save")
 RAW = "raw overwrite"
@@ -120,7 +121,7 @@ def _raw_overwrite(app: AppState, path: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         for _, tensor in local_tensors(app):
-            view = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            view = tensor_bytes(tensor)
             while view:
                 view = view[os.write(fd, view):]
         os.fsync(fd)

@@ -3,7 +3,7 @@
 DCP plans every save collectively (gather of local plans, scatter of final plans, broadcast of
 metadata). When every rank's local plan is the one of the last save (same keys, shapes,
 dtypes and shards), ``stage_with_cached_plan`` reuses the last final plan and metadata
-instead: one small all-reduce and one gather of (no) errors.
+instead: one small all-reduce (and a gather of errors only when a rank failed).
 """
 
 from __future__ import annotations

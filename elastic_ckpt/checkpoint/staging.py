@@ -26,8 +26,8 @@ class HostStager:
 
     A ``stage(..., defer=True)`` copy is not made before ``finish_stage`` returns: on CPU the
     persist thread makes it (``copy_deferred``) while the caller computes; on CUDA it is queued
-    on the side stream and ``fence`` makes the caller's stream wait for it. Either way the
-    caller must not change a deferred source before ``StagingFence.wait`` returns."""
+    on the side stream and ``StagingFence.wait`` makes the caller's stream wait for it. Either
+    way the caller must not change a deferred source before ``StagingFence.wait`` returns."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, torch.Tensor] = {}

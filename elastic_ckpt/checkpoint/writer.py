@@ -332,8 +332,8 @@ def write_rank_file(directory: Storage, rank: int, target: str,
     with directory.open_write(target, in_place=in_place) as out, \
             ThreadPoolExecutor(1, thread_name_prefix="ckpt-fsync") as helper:
         for index, tensor, meta in chunks:
-            # A copy (from a device, or of a non-contiguous tensor) is checksummed now, so it
-            # can be freed after its write.
+            # Otherwise checksummed now: a copy (from a device, or of a non-contiguous tensor)
+            # can then be freed after its write.
             resident = (checksum_during_fsync and directory.is_local
                         and tensor.device.type == "cpu" and tensor.is_contiguous())
             data = tensor_bytes(tensor if tensor.device.type == "cpu" else tensor.to("cpu"))
@@ -363,7 +363,8 @@ def write_rank_file(directory: Storage, rank: int, target: str,
 
 
 _OVERLAP_BYTES = 1 << 20
-"""Device chunks from this size up are checksummed on a second thread during their write."""
+"""Chunks checksummed as they are written are, from this size up, checksummed on a second
+thread during their write."""
 
 
 _ASIDE_SUFFIX = ".tmp"
