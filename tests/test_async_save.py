@@ -348,6 +348,30 @@ def test_plans_are_reused_until_the_state_changes_shape(tmp_path) -> None:
     cm.assert_same(expected, load_full(root, 4)[0])
 
 
+
+def test_state_signature_sees_what_the_plan_depends_on(tmp_path) -> None:
+    from elastic_ckpt.checkpoint.plan_cache import state_signature
+    from elastic_ckpt.errors import NotCheckpointableError
+
+    def sig(flat: dict[str, Any]) -> tuple:
+        return state_signature(flat, {k: (k,) for k in flat}, rank=0, world_size=1)
+
+    base = {"w": torch.zeros(4, 3), "step": 7}
+    assert sig(base) == sig({"w": torch.ones(4, 3), "step": 8}), "values do not matter"
+    for changed in ({"w": torch.zeros(3, 4), "step": 7}, {"w": torch.zeros(4, 3).double(),
+                    "step": 7}, {"w": torch.zeros(4, 3), "step": torch.tensor(7)},
+                    {**base, "more": 1}, {"w": torch.zeros(4, 3, requires_grad=True),
+                                          "step": 7}):
+        assert sig(changed) != sig(base), changed
+    mgr = CheckpointManager(str(tmp_path), keep_last=None)
+    model, opt = trained(1)
+    mixed = {"w": torch.zeros(2), "tag": "a"}  # a DCP entry with a non-tensor leaf
+    mgr.async_save(1, {**state_of(model, opt, 1), "mixed": mixed}).result(timeout=60)
+    assert mgr._plans is not None
+    with pytest.raises(NotCheckpointableError, match="mixed.tag"):  # same signature, not JSON
+        mgr.async_save(2, {**state_of(model, opt, 2), "mixed": {**mixed, "tag": {1, 2}}})
+    assert mgr.latest().step == 1
+
 def staging_fails_on_one_rank(rank: int, world_size: int, root: str) -> dict[str, Any]:
     from elastic_ckpt.checkpoint.staging import HostStager
 

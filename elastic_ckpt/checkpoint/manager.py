@@ -120,6 +120,7 @@ class CheckpointManager:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_flight: SaveHandle | None = None
         self._plans: PlanCache | None = None
+        self._totals: tuple[Any, int, int] = (None, 0, 0)  # _info's, per metadata
         self._async_saves = 0
 
     @property
@@ -253,12 +254,12 @@ class CheckpointManager:
             failure, token = self._broadcast((failure, uuid.uuid4().hex))
             if failure is not None:
                 raise failure
-            writer = staging_writer()
+            writer, planner = staging_writer(), JsonSavePlanner()
             metadata = self._run_dcp(lambda: dcp.save(dcp_state, storage_writer=writer,
-                                                      planner=JsonSavePlanner(),
+                                                      planner=planner,
                                                       process_group=self.process_group))
-            self._plans = PlanCache.of(writer, metadata, self._rank(), self._world_size(),
-                                       token)
+            self._plans = PlanCache.of(writer, planner, metadata, self._rank(),
+                                       self._world_size(), token)
         writer.metadata = metadata
         job = PersistJob(writer=writer, rank=self._rank(), world_size=self._world_size(),
                          token=token, info=self._info(step, name, metadata, extra),
@@ -298,12 +299,14 @@ class CheckpointManager:
         return time.perf_counter() - start
 
     def _info(self, step: int, name: str, metadata: Any, extra: dict) -> CheckpointInfo:
-        tensors = {k: md for k, md in metadata.state_dict_metadata.items() if hasattr(md, "chunks")}
-        total = sum(math.prod(c.sizes) * md.properties.dtype.itemsize
-                    for md in tensors.values() for c in md.chunks)
+        if self._totals[0] is not metadata:  # the same object while the plans are cached
+            tensors = [md for md in metadata.state_dict_metadata.values() if hasattr(md, "chunks")]
+            self._totals = (metadata, sum(math.prod(c.sizes) * md.properties.dtype.itemsize
+                                          for md in tensors for c in md.chunks), len(tensors))
+        _, total, num_tensors = self._totals
         return CheckpointInfo(step=step, uri=self.root.uri_of(name),
                               world_size=self._world_size(), total_bytes=total,
-                              created_unix_s=time.time(), num_tensors=len(tensors),
+                              created_unix_s=time.time(), num_tensors=num_tensors,
                               extra=decode_json_value(extra))
 
     def load(self, state: dict[str, Any], step: int | None = None, *,
