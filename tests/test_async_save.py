@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,46 @@ def test_two_ranks_one_dies_before_its_data_is_durable(tmp_path) -> None:
     assert mgr.latest().step == 1 and mgr.latest().world_size == 2
     cm.assert_same(torch.load(Path(root) / "expected.pt"), load_full(root)[0])
 
+
+
+def rank_dies_then_survivor_abandons(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Rank 1 dies before its data is durable; rank 0 (the committer) closes its manager with
+    ``abandon=True`` instead of waiting out the 60 s persist timeout."""
+    mgr = CheckpointManager(root, keep_last=None, persist_timeout_s=60)
+    model, opt = trained(1)
+    mgr.save(1, state_of(model, opt, 1))
+    if rank == 1:
+        def sync(self) -> None:
+            os._exit(1)
+
+        storage_fs._LocalWriter.sync = sync
+    bump(model)
+    handle = mgr.async_save(2, state_of(model, opt, 2))
+    time.sleep(1.0)  # rank 1 is gone; rank 0 waits for its marker
+    t0 = time.monotonic()
+    mgr.close(abandon=True)
+    closed_s = time.monotonic() - t0
+    try:
+        handle.result(timeout=0)
+        error = None
+    except CheckpointSaveError as exc:
+        error = str(exc)
+    return {"closed_s": closed_s, "error": error, "latest": mgr.latest().step,
+            "threads": [t.name for t in threading.enumerate() if "persist" in t.name]}
+
+
+@pytest.mark.dist
+def test_close_abandons_a_save_whose_peer_died(tmp_path) -> None:
+    root = str(tmp_path)
+    outcomes = spawn_ranks(2, rank_dies_then_survivor_abandons, root, timeout_s=120,
+                           grace_s=20)
+    assert (outcomes[1].status, outcomes[1].value) == ("died", 1), outcomes[1]
+    out = outcomes[0].value
+    assert outcomes[0].status == "ok", outcomes[0]
+    assert out["closed_s"] < 10, out
+    assert out["error"] and "abandoned" in out["error"], out
+    assert out["latest"] == 1 and out["threads"] == [], out
+    assert not (Path(root) / step_dirname(2) / "COMMITTED").exists()
 
 def all_ranks_die_in_background(rank: int, world_size: int, root: str) -> None:
     """keep_last=1: step 1's files are recycled, so step 3's persist overwrites them in place

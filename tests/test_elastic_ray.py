@@ -98,7 +98,19 @@ def test_node_loss_then_capacity_added(tmp_path):
     assert all(e.steps_lost == 0 for e in result.events if e.kind == "scale_up")
     failure = next(e for e in result.events if e.kind == "failure")
     assert failure.resumed_step % config.checkpoint.interval_steps == 0
+    # The survivor's process trained on: only the new nodes' workers were started.
+    assert kept(failure) == (1, 0), failure.details
+    assert [kept(e) for e in result.events if e.kind == "scale_up"][-1][0] >= 1
+    assert sum(kept(e)[1] for e in result.events if e.kind == "scale_up") == 2
     check_exact_training(result, config, ref)
+
+
+def kept(event) -> tuple[int, int]:
+    """(processes kept from the previous group, processes started) of a resize; the kept
+    count is checked against the ranks' own report that they trained in an earlier group."""
+    details = event.details
+    assert details.get("processes_reused", 0) == details["workers_kept"], details
+    return details["workers_kept"], details["workers_started"]
 
 
 def test_drain_checkpoints_before_deadline(tmp_path):
@@ -119,7 +131,7 @@ def test_drain_checkpoints_before_deadline(tmp_path):
         result = run.join()
     drain = [e for e in result.events if e.kind == "drain"]
     assert len(drain) == 1 and drain[0].steps_lost == 0 and "save" in drain[0].phases
-    assert drain[0].to_workers == 1
+    assert drain[0].to_workers == 1 and kept(drain[0]) == (1, 0)
     assert drain[0].phases["drain"] < 60  # checkpointed well before the deadline
     check_exact_training(result, config, ref)
 
@@ -143,6 +155,7 @@ def test_worker_crash_mid_step_and_during_save(tmp_path):
     assert first.resumed_step <= first.at_step and first.resumed_step % 4 == 0
     # The save that crashed never committed: recovery used the checkpoint before it.
     assert second.resumed_step % 4 == 0 and second.resumed_step < second.at_step + 1
+    assert kept(first) == (1, 1) and kept(second) == (1, 1)  # the crashed one is replaced
     check_exact_training(result, config, ref)
 
 

@@ -257,7 +257,9 @@ def test_coordinator_reports_every_checkpoint_and_failure(tmp_path):
     coordinator = types.SimpleNamespace(
         telemetry=RunTelemetry([JsonlMetrics(str(path))]), last_step=7, failures=0,
         failure_policy=FailurePolicy(3), _last_failure=None, _lock=threading.Lock(),
-        _progress_failures=[], _teardown=lambda: None)
+        _progress_failures=[], _note_released=lambda workers: None,
+        group=types.SimpleNamespace(keep_survivors=lambda timeout_s: [], workers=[]),
+        config=types.SimpleNamespace(failure=types.SimpleNamespace(survivor_timeout_s=0)))
     fields = {"seconds": 0.5, "step": 4, "bytes": 1000}
     Coordinator._on_rank_event(coordinator, 1, "checkpoint", fields, None)
     Coordinator._on_rank_event(coordinator, 0, "checkpoint", fields, None)

@@ -37,6 +37,7 @@ import concurrent.futures
 import dataclasses
 import errno as errno_mod
 import json
+import threading
 import time
 from typing import Any, Callable
 
@@ -154,6 +155,8 @@ class PersistJob:
     info: CheckpointInfo
     timeout_s: float
     after_commit: Callable[[], None]
+    abandoned: threading.Event = dataclasses.field(default_factory=threading.Event)
+    """Set when the group this save belongs to is gone: stop waiting for peers' markers."""
 
 
 class SaveHandle:
@@ -333,6 +336,12 @@ def _poll(job: PersistJob, ready: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + job.timeout_s
     sleep = _POLL_S[0]
     while not ready():
+        if job.abandoned.is_set():
+            raise CheckpointSaveError(
+                f"abandoned while waiting for {what} in {job.writer.directory.uri}: the "
+                "group that made this save was re-formed. The save is not committed; the "
+                "previous checkpoint stays the latest.",
+                step=job.writer.step, path=job.writer.directory.uri)
         if time.monotonic() > deadline:
             raise CheckpointSaveError(
                 f"timed out after {job.timeout_s:g} s waiting for {what} in "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import threading
 import time
 import uuid
 from typing import Any, Callable
@@ -122,6 +123,7 @@ class CheckpointManager:
         self._plans: PlanCache | None = None
         self._totals: tuple[Any, int, int] = (None, 0, 0)  # _info's, per metadata
         self._async_saves = 0
+        self._abandon = threading.Event()  # set by close(abandon=True)
 
     @property
     def staging_bytes(self) -> int:
@@ -140,6 +142,23 @@ class CheckpointManager:
             if handle.done():
                 self._in_flight = None
         return handle
+
+    def close(self, abandon: bool = False, timeout: float | None = None) -> None:
+        """Finish with this manager: wait for the async save in flight, then stop its
+        background thread. ``abandon=True`` (the group this manager saved with is gone, so
+        peers may never write their markers): the save in flight stops waiting for them and
+        fails with ``CheckpointSaveError``, unless what it waits for is already there (rank 0
+        still commits a save whose every rank is durable). Its data writes finish first, so
+        once this returns nothing of this manager touches storage any more (unless
+        ``timeout`` passed first). Local; the manager can still load and save afterwards."""
+        handle = self._in_flight
+        if handle is not None and abandon:
+            self._abandon.set()
+        self.wait(timeout)
+        self._abandon = threading.Event()  # for the saves after this one
+        if self._executor is not None and (handle is None or handle.done()):
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def wait_staged(self) -> float:
         """Wait for the deferred copies of the async save in flight (see ``async_save``'s
@@ -263,7 +282,7 @@ class CheckpointManager:
         writer.metadata = metadata
         job = PersistJob(writer=writer, rank=self._rank(), world_size=self._world_size(),
                          token=token, info=self._info(step, name, metadata, extra),
-                         timeout_s=self.persist_timeout_s,
+                         timeout_s=self.persist_timeout_s, abandoned=self._abandon,
                          after_commit=lambda: self._apply_retention(in_progress=frozenset()))
         handle = SaveHandle(step, concurrent.futures.Future(),
                             staged_s=time.perf_counter() - start, waited_s=waited,

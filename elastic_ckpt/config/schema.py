@@ -38,9 +38,20 @@ class ScalingConfig(_Section):
     cooldown_s: float = Field(5.0, ge=0)
     """Minimum seconds between two resizes; node events inside it coalesce into one resize."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "SPREAD"
-    """Ray placement-group strategy for the worker bundles."""
+    """Where workers go. Each worker has its own one-bundle placement group, so a resize
+    keeps the others' processes: ``STRICT_SPREAD`` refuses a second worker on a node,
+    ``SPREAD`` prefers a node without one, ``PACK`` leaves the node to Ray's scheduler."""
     capacity_timeout_s: float | None = Field(300.0, gt=0)
     """How long to wait for ``min_workers`` to fit before failing; None waits forever."""
+    placement_timeout_s: float = Field(5.0, gt=0)
+    """How long one attempt to place the new workers' bundles may take before the
+    coordinator retries with fewer (the resource view lags behind node deaths)."""
+    actor_start_timeout_s: float = Field(180.0, gt=0)
+    """How long a new worker process may take to start (imports, dataset) before the start
+    counts as a failure."""
+    stop_timeout_s: float = Field(600.0, gt=0)
+    """How long the ranks may take to stop at a step boundary and commit their checkpoint
+    for a resize (a drain's own deadline wins when it is sooner)."""
     request_resources: bool = True
     """Ask the Ray autoscaler for ``max_workers`` bundles (withdrawn when training ends)."""
 
@@ -202,6 +213,10 @@ class ParallelConfig(_Section):
 class FailureConfig(_Section):
     max_failures: int | None = Field(3, ge=0)
     """Crashes tolerated before ``fit()`` raises (preemptions don't count; None: unlimited)."""
+    survivor_timeout_s: float = Field(10.0, ge=0)
+    """After a worker or node dies, how long the other workers get to leave the broken group
+    (their collectives fail) before they are killed too. Those that leave in time keep their
+    process for the next group; after a training error every process is replaced."""
 
 
 class LoggingConfig(_Section):

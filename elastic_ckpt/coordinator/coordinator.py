@@ -44,14 +44,21 @@ from elastic_ckpt.coordinator.state import (
     check_transition,
 )
 from elastic_ckpt.coordinator.telemetry import RunTelemetry
-from elastic_ckpt.coordinator.worker_group import GroupPoll, PlacementTimeout, WorkerGroup
+from elastic_ckpt.coordinator.worker_group import (
+    GroupPoll,
+    PlacementTimeout,
+    Worker,
+    WorkerGroup,
+)
 from elastic_ckpt.train import EvalMetrics, StepMetrics, TrainJob
 
 POLL_INTERVAL_S = 0.1
 CLUSTER_POLL_INTERVAL_S = 0.5
-PLACEMENT_TIMEOUT_S = 5.0
-STOP_TIMEOUT_S = 600.0
 REPORT_GRACE_S = 2.0
+
+
+_PEER_LOST = (FailureKind.WORKER_DIED, FailureKind.NODE_DIED, FailureKind.PREEMPTED)
+"""Failures after which the other workers' processes are kept (their errors are collateral)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +91,8 @@ class Coordinator:
         self.failure_policy = FailurePolicy(config.failure.max_failures)
         self.cluster = cluster or ClusterView()
         self.group = WorkerGroup(job, s.bundle, s.placement_strategy, s.use_gpu,
-                                 sink=_current_actor())
+                                 sink=_current_actor(),
+                                 actor_start_timeout_s=s.actor_start_timeout_s)
         self.timeline = Timeline(os.path.join(config.run_dir, "events.jsonl")
                                  if config.run_dir else None)
         self.telemetry = RunTelemetry.from_config(config)
@@ -166,11 +174,13 @@ class Coordinator:
         # Nodes that joined since the decision count too (one resize for a burst of joins);
         # the decided target wins if the view still shows our just-freed bundles as used.
         size = max(filter(None, (state.target, fresh)), default=None)
-        # Resource views lag behind node deaths and freed bundles; try the size, and shrink
-        # to what the cluster then reports if it does not fit.
-        while size is not None:
+        # Kept workers fit where they are; only the new ones are placed. Resource views lag
+        # behind node deaths and freed bundles; try the size, and shrink to what the cluster
+        # then reports if it does not fit.
+        kept = self.group.size
+        while size is not None and size > kept:
             try:
-                self.group.place(size, PLACEMENT_TIMEOUT_S)
+                self.group.place(size - kept, self.config.scaling.placement_timeout_s)
                 break
             except PlacementTimeout:
                 fits = self.scaling.start_size(self._observe_capacity(force=True))
@@ -179,19 +189,23 @@ class Coordinator:
                     size = None
         if size is None:
             return Waiting(event, since_s=time.time())
+        if size < kept:
+            self._release(self._surplus(kept - size))
         self._released = {}
         event.phases["placement"] = time.time() - t0
         self._pending.clear()
         self._next_seq.clear()
         try:
             t1 = time.time()
-            self.group.start()
+            started = self.group.start_placed()
             event.phases["actors"] = time.time() - t1
-        except ray.exceptions.RayError as exc:
+            self.group.launch()
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
             self.group.shutdown()
             return Recovering(Failure(FailureKind.WORKER_DIED, f"starting the group: {exc}"),
                               ScalingEvent("failure", str(exc), from_workers=0))
         event.to_workers = size
+        event.details.update(workers_kept=size - started, workers_started=started)
         return Running(event, started_s=time.time())
 
     def _running(self, state: Running) -> State:
@@ -224,8 +238,9 @@ class Coordinator:
         event = state.event
         t0 = time.time()
         deadline = self._drain_deadline()
+        stop_s = self.config.scaling.stop_timeout_s
         poll = self.group.wait_stopped(
-            STOP_TIMEOUT_S if deadline is None else max(1.0, deadline - time.time()))
+            stop_s if deadline is None else max(1.0, min(stop_s, deadline - time.time())))
         self._await_reports(poll, event, t0)
         event.phases["drain"] = time.time() - t0
         if poll.failure is not None:
@@ -236,7 +251,7 @@ class Coordinator:
                                             "ranks did not stop before the deadline"))
         event.at_step = self.last_step
         t1 = time.time()
-        self._teardown()
+        self._release([w for w in self.group.workers if w.node_id in self._drain_deadlines])
         event.phases["teardown"] = time.time() - t1
         if self.last_step >= self.config.max_steps:
             return Finished()
@@ -245,9 +260,13 @@ class Coordinator:
     def _recovering(self, state: Recovering) -> State:
         event = state.event
         t0 = time.time()
-        self._teardown()  # survivors die now, not after a collective timeout
-        event.phases["teardown"] = time.time() - t0
         failure, previous = state.failure, self._last_failure
+        if failure.kind in _PEER_LOST:  # the others' collectives fail: keep their processes
+            self._note_released(self.group.keep_survivors(
+                self.config.failure.survivor_timeout_s))
+        else:  # a training error may have left a process unusable (a CUDA error): replace all
+            self._release(list(self.group.workers))
+        event.phases["teardown"] = time.time() - t0
         decision = self.failure_policy.decide(failure, self.failures, previous)
         self._last_failure = failure
         if self.failure_policy.counts(failure):
@@ -290,12 +309,23 @@ class Coordinator:
         return state
 
     # -- helpers ----------------------------------------------------------------------------
-    def _teardown(self) -> None:
-        # Ray's resource view shows the freed bundles as used for a moment after the kill;
-        # until the next group is placed, count them as ours so the restart size is right
-        # (a dead node's bundles drop out with the node).
-        self._released = self.group.bundles_per_node()
-        self.group.shutdown()
+    def _release(self, workers: list[Worker]) -> None:
+        self.group.release(workers)
+        self._note_released(workers)
+
+    def _note_released(self, workers: list[Worker]) -> None:
+        # Ray's resource view shows freed bundles as used for a moment after the kill; until
+        # the next group is placed, count them as ours so the restart size is right (a dead
+        # node's bundles drop out with the node).
+        for worker in workers:
+            self._released[worker.node_id] = self._released.get(worker.node_id, 0) + 1
+
+    def _surplus(self, n: int) -> list[Worker]:
+        """The ``n`` workers a shrink removes: those on draining nodes first, then the last
+        ranks (rank 0's process stays where it is)."""
+        order = sorted(self.group.workers, key=lambda w: (w.node_id not in self._drain_deadlines,
+                                                          -self.group.workers.index(w)))
+        return order[:n]
 
     def _on_failure(self, failure: Failure) -> State:
         if failure.kind in (FailureKind.WORKER_DIED, FailureKind.NODE_DIED) and \
@@ -360,6 +390,9 @@ class Coordinator:
         return ready
 
     def _on_rank_event(self, rank: int, name: str, fields: dict, event) -> None:
+        if name == "rendezvous" and event is not None and fields.get("groups_joined", 1) > 1:
+            # the rank's own word that its process trained in an earlier group
+            event.details["processes_reused"] = event.details.get("processes_reused", 0) + 1
         if rank != 0:
             return
         if name == "restore":
@@ -380,9 +413,9 @@ class Coordinator:
             event.phases["build"] = fields["build_seconds"]
             event.skipped_checkpoints = list(fields.get("skipped", ()))
             event.warnings = list(fields.get("warnings", ()))
-            event.details = {k: fields[k] for k in ("fsdp_units", "init_from",
-                                                    "init_bytes_read", "model_bytes")
-                             if k in fields}
+            event.details.update({k: fields[k] for k in ("fsdp_units", "init_from",
+                                                         "init_bytes_read", "model_bytes")
+                                  if k in fields})
         if name == "checkpoint" and event.kind != "start" and not fields.get("async"):
             event.phases["save"] = fields["seconds"]  # the stop save, its wait included
 
@@ -414,7 +447,9 @@ class Coordinator:
             snap = self.cluster.snapshot()
             self._drain_deadlines = {n.node_id: n.drain_deadline_s
                                      for n in snap.nodes if n.draining}
-            own = self.group.bundles_per_node() or self._released
+            own = dict(self.group.bundles_per_node())
+            for node, n in self._released.items():
+                own[node] = own.get(node, 0) + n
             capacity = snap.capacity(self.config.scaling.bundle, own)
             if capacity != self._capacity[0]:
                 self._capacity = (capacity, now)

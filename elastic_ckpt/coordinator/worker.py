@@ -1,12 +1,16 @@
-"""``TrainWorker``: the Ray actor that runs one rank.
+"""``TrainWorker``: the Ray actor that runs one rank, in one group after another.
 
 It is a threaded actor: ``run()`` trains on one thread while ``request_stop()`` is served on
-another, so a stop request lands mid-run. Reports are pushed, never polled.
+another, so a stop request lands mid-run. Reports are pushed, never polled. The process
+outlives its groups: after ``run()`` returns (a stop for a resize, or an error because a peer
+died) the coordinator may call ``run()`` again with the rank and world size of a new group;
+torch, the user's code and the dataset are already loaded.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import threading
 import time
@@ -29,9 +33,15 @@ class TrainWorker:
 
     def __init__(self, job: TrainJob) -> None:
         self.job = job
-        self._stop = threading.Event()
+        self._stops: set[int] = set()  # generations asked to stop (a request may come first)
+        self._lock = threading.Lock()
+        self.groups_joined = 0
         cpus = job.config.scaling.resources_per_worker.get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
+
+    def identity(self) -> tuple[str, int]:
+        """``(node id, pid)``: where this worker runs, and that it still does."""
+        return self.node_id(), os.getpid()
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -49,17 +59,21 @@ class TrainWorker:
         sent (so the sink can wait for the last ones)."""
         started = time.perf_counter()
         seq = itertools.count()
+        with self._lock:
+            self.groups_joined += 1
+            joined = self.groups_joined
 
         def report(kind: str, payload: Any) -> None:
             # Threaded actors may run calls out of order; ``seq`` lets the sink reorder.
             sink.report.remote(generation, spec.rank, next(seq), kind, payload)
 
-        hooks = RankHooks(should_stop=self._stop.is_set,
+        hooks = RankHooks(should_stop=lambda: generation in self._stops,
                           on_step=lambda m: report("step", m),
                           on_eval=lambda m: report("eval", m),
                           on_event=lambda name, fields: report("event", (name, fields)))
         with process_group(spec):
-            report("event", ("rendezvous", {"seconds": time.perf_counter() - started}))
+            report("event", ("rendezvous", {"seconds": time.perf_counter() - started,
+                                            "pid": os.getpid(), "groups_joined": joined}))
             check_shared_storage(self.job.config.checkpoint.uri, spec.node or self.node_id())
             trainer = self.job.trainer(hooks, spec.device)
             try:
@@ -68,11 +82,14 @@ class TrainWorker:
                 raise  # typed: the runtime classifies it (fatal config/checkpoint errors)
             except Exception as exc:
                 raise _rank_error(exc, spec.rank, trainer) from exc
+            finally:  # before the coordinator hears of the end: nothing left in flight
+                trainer.close()
         return result, next(seq)
 
-    def request_stop(self) -> None:
-        """Stop at the next step boundary, with a checkpoint (the group agrees on the step)."""
-        self._stop.set()
+    def request_stop(self, generation: int) -> None:
+        """Stop group ``generation`` at its next step boundary, with a checkpoint (the group
+        agrees on the step). Ignored by the runs of other groups."""
+        self._stops.add(generation)
 
 
 def _rank_error(exc: Exception, rank: int, trainer: Any) -> RankError:

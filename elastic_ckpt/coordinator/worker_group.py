@@ -1,5 +1,6 @@
-"""``WorkerGroup``: N ``TrainWorker`` actors in one placement group, started, polled, stopped
-and killed as a unit. It carries decisions out; it makes none."""
+"""``WorkerGroup``: the ``TrainWorker`` actors that train together, each in its own one-bundle
+placement group, so that a resize adds or removes workers and keeps the others' processes.
+It carries decisions out; it makes none."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from elastic_ckpt.coordinator.policy import Failure, FailureKind
@@ -24,15 +29,29 @@ from elastic_ckpt.errors import (
 )
 from elastic_ckpt.train import RankResult, RankSpec, TrainJob
 
-ACTOR_START_TIMEOUT_S = 180.0
 _FATAL = (ConfigError, CheckpointMismatchError, CheckpointCorruptError, SharedStorageError,
           CheckpointSavesFailedError)
 _PRIORITY = {FailureKind.FATAL: 0, FailureKind.PREEMPTED: 1, FailureKind.NODE_DIED: 2,
              FailureKind.WORKER_DIED: 3, FailureKind.TRAINING_ERROR: 4}
+_PING_TIMEOUT_S = 5.0
+_SPREAD_PROBE_S = 1.0  # SPREAD: how long a bundle tries nodes without a worker first
+_NODE_LABEL = "ray.io/node-id"  # every Ray node's own label
 
 
 class PlacementTimeout(Exception):
-    """The placement group did not become ready in time (capacity vanished)."""
+    """The new workers' bundles did not become ready in time (capacity vanished)."""
+
+
+@dataclasses.dataclass
+class Worker:
+    """One worker process: its actor, its placement group, where it runs."""
+
+    actor: Any
+    pg: Any
+    node_id: str = ""
+    pid: int = 0
+    groups: int = 0
+    """Groups this process has been launched in (1: started for the current one)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +68,8 @@ class GroupPoll:
 
 class WorkerGroup:
     def __init__(self, job: TrainJob, bundle: dict[str, float], strategy: str,
-                 use_gpu: bool, sink: Any = None) -> None:
+                 use_gpu: bool, sink: Any = None, *, actor_start_timeout_s: float = 180.0
+                 ) -> None:
         self.job = job
         self.sink = sink
         """Actor handle that receives the ranks' reports (``report(generation, rank, ...)``)."""
@@ -57,10 +77,11 @@ class WorkerGroup:
         self.bundle = bundle
         self.strategy = strategy
         self.use_gpu = use_gpu
-        self.actors: list[Any] = []
-        self.pg = None
+        self.actor_start_timeout_s = actor_start_timeout_s
+        self.workers: list[Worker] = []
+        """The members, in rank order once launched (kept workers first)."""
         self.run_refs: list[Any] = []
-        self.node_ids: list[str] = []
+        self._placed: list[Any] = []  # placement groups reserved for workers not started
         self._results: list[RankResult | None] = []
         self._reports_sent: list[int] = []
 
@@ -71,7 +92,11 @@ class WorkerGroup:
 
     @property
     def size(self) -> int:
-        return len(self.actors)
+        return len(self.workers)
+
+    @property
+    def node_ids(self) -> list[str]:
+        return [w.node_id for w in self.workers]
 
     def bundles_per_node(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -79,45 +104,81 @@ class WorkerGroup:
             counts[node] = counts.get(node, 0) + 1
         return counts
 
-    def place(self, num_workers: int, timeout_s: float) -> None:
-        """Reserve ``num_workers`` bundles; raises ``PlacementTimeout`` if they don't fit."""
-        self.pg = placement_group([dict(self.bundle)] * num_workers, strategy=self.strategy)
-        try:
-            ray.get(self.pg.ready(), timeout=timeout_s)
-        except GetTimeoutError:
-            remove_placement_group(self.pg)
-            self.pg = None
-            raise PlacementTimeout(f"{num_workers} bundles of {self.bundle} did not fit within "
-                                   f"{timeout_s:.0f}s") from None
+    def place(self, num_new: int, timeout_s: float) -> None:
+        """Reserve one bundle for each of ``num_new`` more workers; raises
+        ``PlacementTimeout`` (and reserves nothing) unless all fit within ``timeout_s``.
+        ``SPREAD``/``STRICT_SPREAD`` place them one by one, each away from the nodes that
+        already host a worker (a Ray label selector on ``ray.io/node-id``); ``SPREAD`` falls
+        back to any node after a short try."""
+        self._release_placed()
+        if num_new <= 0:
+            return
+        deadline = time.monotonic() + timeout_s
+        if self.strategy == "PACK":
+            pgs = [placement_group([dict(self.bundle)], strategy="PACK")
+                   for _ in range(num_new)]
+            if not _ready(pgs, deadline):
+                raise PlacementTimeout(f"{num_new} more bundles of {self.bundle} did not fit "
+                                       f"within {timeout_s:.0f}s")
+            self._placed = pgs
+            return
+        pgs, taken = [], set(self.node_ids)
+        for _ in range(num_new):
+            away = [{_NODE_LABEL: f"!in({','.join(sorted(taken))})"}] if taken else None
+            pg = placement_group([dict(self.bundle)], strategy="PACK",
+                                 bundle_label_selector=away)
+            if self.strategy == "SPREAD" and away is not None:
+                if not _ready([pg], min(deadline, time.monotonic() + _SPREAD_PROBE_S)):
+                    pg = placement_group([dict(self.bundle)], strategy="PACK")  # share one
+                    pg = pg if _ready([pg], deadline) else None
+            elif not _ready([pg], deadline):
+                pg = None
+            if pg is None:
+                _remove(pgs)
+                where = (" on nodes without a worker (placement_strategy=STRICT_SPREAD)"
+                         if self.strategy == "STRICT_SPREAD" else "")
+                raise PlacementTimeout(f"{num_new} more bundles of {self.bundle} did not fit"
+                                       f"{where} within {timeout_s:.0f}s")
+            pgs.append(pg)
+            taken.add(_node_of(pg))
+        self._placed = pgs
 
-    def start(self) -> None:
-        """Create one actor per bundle, rendezvous at rank 0's address, launch ``run``."""
+    def start_placed(self) -> int:
+        """Start a worker process in each bundle ``place`` reserved; returns how many. Bounded:
+        an actor that never comes up raises (``GetTimeoutError``), not a hang."""
         cls = ray.remote(TrainWorker)
-        n = len(self.pg.bundle_specs)
         cpus = self.bundle.get("CPU", 0)
         custom = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU", "memory")}
-        self.actors = [
-            cls.options(
-                num_cpus=cpus, num_gpus=self.bundle.get("GPU", 0), resources=custom or None,
-                max_concurrency=4, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=i),
-            ).remote(self.job)
-            for i in range(n)
-        ]
-        # Bounded: an actor that never comes up is a failure, not a hang.
-        self.node_ids = ray.get([a.node_id.remote() for a in self.actors],
-                                timeout=ACTOR_START_TIMEOUT_S)
-        addr, port = ray.get(self.actors[0].rendezvous_address.remote(),
-                             timeout=ACTOR_START_TIMEOUT_S)
+        new = [Worker(cls.options(
+            num_cpus=cpus, num_gpus=self.bundle.get("GPU", 0), resources=custom or None,
+            max_concurrency=4, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=0),
+        ).remote(self.job), pg) for pg in self._placed]
+        self._placed = []
+        self.workers.extend(new)
+        identities = ray.get([w.actor.identity.remote() for w in new],
+                             timeout=self.actor_start_timeout_s)
+        for worker, (node, pid) in zip(new, identities):
+            worker.node_id, worker.pid = node, pid
+        return len(new)
+
+    def launch(self) -> None:
+        """Form group ``generation + 1`` of every worker: rendezvous at rank 0's address and
+        start ``run`` on each (kept processes and new ones alike)."""
+        n = len(self.workers)
+        addr, port = ray.get(self.workers[0].actor.rendezvous_address.remote(),
+                             timeout=self.actor_start_timeout_s)
         self._results = [None] * n
         self._reports_sent = [0] * n
         self.generation += 1
+        for worker in self.workers:
+            worker.groups += 1
         self.run_refs = [
-            actor.run.remote(RankSpec(rank=r, world_size=n, master_addr=addr, master_port=port,
-                                      use_gpu=self.use_gpu, node=self.node_ids[r]),
-                             self.generation, self.sink)
-            for r, actor in enumerate(self.actors)
+            w.actor.run.remote(RankSpec(rank=r, world_size=n, master_addr=addr,
+                                        master_port=port, use_gpu=self.use_gpu,
+                                        node=w.node_id), self.generation, self.sink)
+            for r, w in enumerate(self.workers)
         ]
 
     def poll(self) -> GroupPoll:
@@ -138,8 +199,8 @@ class WorkerGroup:
         return GroupPoll(results=tuple(self._results), failure=failure)
 
     def request_stop(self) -> None:
-        for actor in self.actors:
-            actor.request_stop.remote()
+        for worker in self.workers:
+            worker.actor.request_stop.remote(self.generation)
 
     def wait_stopped(self, timeout_s: float) -> GroupPoll:
         """Wait until every rank returned (after a stop request) or one failed."""
@@ -150,19 +211,71 @@ class WorkerGroup:
                 return poll
             ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=0.2)
 
+    def keep_survivors(self, timeout_s: float) -> list[Worker]:
+        """After a worker died: wait up to ``timeout_s`` for the others' ``run`` to end (their
+        collectives fail once a peer is gone), keep those whose process still answers, and
+        kill the rest (dead, or still blocked). Returns the workers removed."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.run_refs)
+        while pending and time.monotonic() < deadline:
+            _, pending = ray.wait(pending, num_returns=len(pending),
+                                  timeout=max(0.0, deadline - time.monotonic()))
+        ended = [ref not in pending for ref in self.run_refs]
+        pings = {i: w.actor.identity.remote() for i, w in enumerate(self.workers) if ended[i]}
+        alive = set()
+        for i, ref in pings.items():
+            try:
+                node, pid = ray.get(ref, timeout=_PING_TIMEOUT_S)
+            except (RayError, GetTimeoutError):
+                continue
+            if pid == self.workers[i].pid:
+                alive.add(i)
+        gone = [w for i, w in enumerate(self.workers) if i not in alive]
+        self.release(gone)
+        return gone
+
+    def release(self, workers: list[Worker]) -> None:
+        """Kill these workers at once (never wait on a collective) and free their bundles."""
+        for worker in workers:
+            try:
+                ray.kill(worker.actor, no_restart=True)
+            except Exception:
+                pass
+        _remove([w.pg for w in workers])
+        ids = {id(w) for w in workers}
+        self.workers = [w for w in self.workers if id(w) not in ids]
+        self.run_refs, self._results, self._reports_sent = [], [], []
+
     def shutdown(self) -> None:
-        """Kill every actor at once (never wait on a collective) and free the bundles."""
-        for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:
-                pass
-        if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception:
-                pass
-        self.actors, self.run_refs, self.pg, self.node_ids = [], [], None, []
+        """Kill every worker and free every bundle."""
+        self.release(list(self.workers))
+        self._release_placed()
+
+    def _release_placed(self) -> None:
+        _remove(self._placed)
+        self._placed = []
+
+
+def _ready(pgs: list[Any], deadline: float) -> bool:
+    """Whether every one of ``pgs`` is placed by ``deadline``; removes them all if not."""
+    try:
+        ray.get([pg.ready() for pg in pgs], timeout=max(0.0, deadline - time.monotonic()))
+        return True
+    except GetTimeoutError:
+        _remove(pgs)
+        return False
+
+
+def _node_of(pg: Any) -> str:
+    return placement_group_table(pg).get("bundles_to_node_id", {}).get(0, "")
+
+
+def _remove(pgs: list[Any]) -> None:
+    for pg in pgs:
+        try:
+            remove_placement_group(pg)
+        except Exception:
+            pass
 
 
 def _classify(exc: BaseException, rank: int | None) -> Failure:

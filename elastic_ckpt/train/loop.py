@@ -252,6 +252,14 @@ class RankTrainer:
         return RankResult(final_step=step, stopped=stopped, checkpoint=self.last_committed,
                           restored_step=restored)
 
+    def close(self) -> None:
+        """Settle what this rank's run left in the background, once ``run()`` ended (however
+        it ended): an async save still waiting for peers of a group that is gone stops
+        waiting (it commits only if every rank's data is already durable), and the save
+        thread stops. A process that trains again in a new group calls this first, so no
+        thread of the old group touches the checkpoint root while the new one restores."""
+        self.ckpt.close(abandon=True)
+
     def _due(self, step: int) -> bool:
         ck = self.config.checkpoint
         if step == self.config.max_steps:
