@@ -102,6 +102,9 @@ def test_node_loss_then_capacity_added(tmp_path):
     assert kept(failure) == (1, 0), failure.details
     assert [kept(e) for e in result.events if e.kind == "scale_up"][-1][0] >= 1
     assert sum(kept(e)[1] for e in result.events if e.kind == "scale_up") == 2
+    # ... and started as hot spares while the group trained, not on the resize's path.
+    assert all(e.details["spares"] == e.details["workers_started"]
+               for e in result.events if e.kind == "scale_up")
     check_exact_training(result, config, ref)
 
 

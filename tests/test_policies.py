@@ -55,6 +55,19 @@ def test_scaling_policy_table(observation, expected):
     assert POLICY.decide(observation) == expected
 
 
+@pytest.mark.parametrize("observation, wanted", [
+    (obs(capacity=2), 2),                                  # steady: no spares
+    (obs(capacity=3, changed=99.5), 3),                    # settling: the spare starts already
+    (obs(capacity=3, last_resize=97.0), 3),                # in the cooldown too
+    (obs(capacity=9), 4),                                  # capped at max_workers
+    (obs(num_workers=3, capacity=2), 3),                   # less capacity: keep what runs
+    (obs(num_workers=3, capacity=5, draining=1), 3),       # a drain first: no spares
+    (obs(num_workers=0, capacity=4), 0),                   # nothing running
+])
+def test_spares_start_before_the_scale_up(observation, wanted):
+    assert POLICY.wanted(observation) == wanted
+
+
 @pytest.mark.parametrize("capacity, size", [(0, None), (1, None), (2, 2), (3, 3), (10, 4)])
 def test_start_size(capacity, size):
     assert POLICY.start_size(capacity) == size

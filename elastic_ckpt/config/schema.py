@@ -37,6 +37,10 @@ class ScalingConfig(_Section):
     """One GPU per worker, NCCL; adds ``GPU: 1`` to each bundle when absent."""
     cooldown_s: float = Field(5.0, ge=0)
     """Minimum seconds between two resizes; node events inside it coalesce into one resize."""
+    settle_s: float = Field(3.0, ge=0)
+    """Scale up only once capacity has not changed for this long, so nodes that join in a
+    burst cause one resize. The new workers' processes start meanwhile (hot spares): a
+    window at least as long as a worker's start-up costs no extra downtime."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "SPREAD"
     """Where workers go. Each worker has its own one-bundle placement group, so a resize
     keeps the others' processes: ``STRICT_SPREAD`` refuses a second worker on a node,

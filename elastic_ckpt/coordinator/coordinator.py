@@ -87,7 +87,8 @@ class Coordinator:
                  cluster: ClusterView | None = None) -> None:
         s = config.scaling
         self.config = config
-        self.scaling = ScalingPolicy(s.min_workers, s.max_workers, cooldown_s=s.cooldown_s)
+        self.scaling = ScalingPolicy(s.min_workers, s.max_workers, cooldown_s=s.cooldown_s,
+                                     settle_s=s.settle_s)
         self.failure_policy = FailurePolicy(config.failure.max_failures)
         self.cluster = cluster or ClusterView()
         self.group = WorkerGroup(job, s.bundle, s.placement_strategy, s.use_gpu,
@@ -105,6 +106,7 @@ class Coordinator:
         self.restored_step: int | None = None
         self._capacity = (0, time.time())  # (value, when it last changed)
         self._last_cluster_poll = 0.0
+        self._last_spare_try = 0.0
         self._drain_deadlines: dict[str, float | None] = {}  # draining node -> deadline
         self._released: dict[str, int] = {}  # node -> bundles of the group just torn down
         self._lock = threading.Lock()
@@ -177,6 +179,8 @@ class Coordinator:
         # Kept workers fit where they are; only the new ones are placed. Resource views lag
         # behind node deaths and freed bundles; try the size, and shrink to what the cluster
         # then reports if it does not fit.
+        members = self.group.size
+        adopted = self.group.adopt_spares(size - members) if size and size > members else []
         kept = self.group.size
         while size is not None and size > kept:
             try:
@@ -205,7 +209,10 @@ class Coordinator:
             return Recovering(Failure(FailureKind.WORKER_DIED, f"starting the group: {exc}"),
                               ScalingEvent("failure", str(exc), from_workers=0))
         event.to_workers = size
-        event.details.update(workers_kept=size - started, workers_started=started)
+        event.details.update(workers_kept=size - started - len(adopted),
+                             workers_started=started + len(adopted), spares=len(adopted))
+        if adopted:  # started while the previous group trained: off the critical path
+            event.details["spare_warm_s"] = round(max(w.warm_s or 0.0 for w in adopted), 3)
         return Running(event, started_s=time.time())
 
     def _running(self, state: Running) -> State:
@@ -216,7 +223,9 @@ class Coordinator:
         if poll.finished:
             self._await_reports(poll, state.event, state.started_s)
             return Finished()
-        decision = self._scaling_decision()
+        obs = self._observation()
+        decision = self.scaling.decide(obs)
+        self._tend_spares(obs)
         if state.event is not None:
             # Not trained at the new size yet: only a drain notice cannot wait.
             if not (isinstance(decision, ResizeDecision) and decision.reason == "drain"):
@@ -225,6 +234,13 @@ class Coordinator:
             state.event.message += " (superseded by a drain before its first step)"
             self.timeline.complete(state.event)
             self.telemetry.scaling_event(state.event)
+        if isinstance(decision, ResizeDecision) and decision.reason == "scale_up":
+            ready, warming = self.group.poll_spares()
+            if warming or ready == 0:  # resize once the new processes are up
+                time.sleep(POLL_INTERVAL_S)
+                return state
+            decision = dataclasses.replace(
+                decision, num_workers=min(decision.num_workers, self.group.size + ready))
         if isinstance(decision, ResizeDecision):
             self.group.request_stop()
             return Resizing(decision, ScalingEvent(
@@ -455,14 +471,27 @@ class Coordinator:
                 self._capacity = (capacity, now)
         return self._capacity[0]
 
-    def _scaling_decision(self):
+    def _observation(self) -> Observation:
         capacity = self._observe_capacity()
-        obs = Observation(
+        return Observation(
             now_s=time.time(), num_workers=self.group.size, capacity=capacity,
             capacity_changed_s=self._capacity[1],
             draining_workers=self._draining_workers(),
             last_resize_s=self._resumed_s)
-        return self.scaling.decide(obs)
+
+    def _tend_spares(self, obs: Observation) -> None:
+        """Start the processes a coming scale-up needs while the group trains (at most one
+        placement attempt per cluster poll); drop spares on draining nodes."""
+        draining = [w for w in self.group.spares if w.node_id in self._drain_deadlines]
+        if draining:
+            self.group.release_spares(draining)
+            self._note_released(draining)
+        missing = self.scaling.wanted(obs) - self.group.size - len(self.group.spares)
+        now = time.time()
+        if missing > 0 and now - self._last_spare_try >= CLUSTER_POLL_INTERVAL_S:
+            self._last_spare_try = now
+            if self.group.add_spares(missing, min(1.0, self.config.scaling.placement_timeout_s)):
+                self._released = {}
 
     def _drain_deadline(self) -> float | None:
         """The earliest drain deadline among the group's nodes, as last observed."""

@@ -47,7 +47,8 @@ class ScalingPolicy:
       to what fits on the other nodes, and never waits for the cooldown.
     - More capacity scales up to ``min(capacity, max_workers)`` once capacity has been stable
       for ``settle_s`` (so nodes joining in a burst cause one resize) and ``cooldown_s`` has
-      passed since the group started.
+      passed since the group started; ``wanted`` says how many processes to start ahead of
+      it (hot spares).
     - Less capacity than the running group without a drain is left alone: the group holds its
       own resources, and a crash is the failure policy's business.
     """
@@ -73,6 +74,15 @@ class ScalingPolicy:
         if obs.last_resize_s is not None and obs.now_s - obs.last_resize_s < self.cooldown_s:
             return NoopDecision()
         return ResizeDecision(target, "scale_up")
+
+    def wanted(self, obs: Observation) -> int:
+        """How many workers should have a process now: the group's, plus spares warming up
+        for a coming scale-up. Spares start as soon as capacity grows, before ``settle_s``
+        and the cooldown pass, so process start-up overlaps them and training; none while a
+        node drains or no group runs."""
+        if obs.num_workers == 0 or obs.draining_workers:
+            return obs.num_workers
+        return max(obs.num_workers, self.target(obs.capacity))
 
     def start_size(self, capacity: int) -> int | None:
         """Group size to start with, or None when fewer than ``min_workers`` fit."""

@@ -9,6 +9,7 @@ torch, the user's code and the dataset are already loaded.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import socket
@@ -21,6 +22,7 @@ import ray
 import torch
 
 from elastic_ckpt.errors import ElasticCkptError, RankError
+from elastic_ckpt.storage import Storage
 from elastic_ckpt.train import RankHooks, RankResult, RankSpec, TrainJob
 from elastic_ckpt.train.distributed import process_group
 from elastic_ckpt.train.storage_check import check_shared_storage
@@ -38,6 +40,19 @@ class TrainWorker:
         self.groups_joined = 0
         cpus = job.config.scaling.resources_per_worker.get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
+
+    def warm_up(self) -> tuple[str, int, float]:
+        """What a new rank would otherwise do on the resize's critical path: import the
+        training and checkpoint code, resolve the checkpoint root's filesystem and open the
+        dataset (its first sample). Returns ``identity()`` and the seconds it took."""
+        t0 = time.perf_counter()
+        for module in ("torch.distributed.checkpoint", "torch.distributed.fsdp",
+                       "elastic_ckpt.train.loop"):
+            importlib.import_module(module)
+        Storage(self.job.config.checkpoint.uri)
+        if len(self.job.dataset):
+            self.job.dataset[0]
+        return (*self.identity(), time.perf_counter() - t0)
 
     def identity(self) -> tuple[str, int]:
         """``(node id, pid)``: where this worker runs, and that it still does."""

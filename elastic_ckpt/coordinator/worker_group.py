@@ -52,6 +52,11 @@ class Worker:
     pid: int = 0
     groups: int = 0
     """Groups this process has been launched in (1: started for the current one)."""
+    warm_up: Any = None
+    """A spare's pending ``warm_up`` call (None once it is ready)."""
+    started_s: float = 0.0
+    warm_s: float | None = None
+    """Seconds a spare took from creation to warmed up (None: not a spare, or not ready)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,8 @@ class WorkerGroup:
         self.actor_start_timeout_s = actor_start_timeout_s
         self.workers: list[Worker] = []
         """The members, in rank order once launched (kept workers first)."""
+        self.spares: list[Worker] = []
+        """Processes started for a coming scale-up while the group trains (hot spares)."""
         self.run_refs: list[Any] = []
         self._placed: list[Any] = []  # placement groups reserved for workers not started
         self._results: list[RankResult | None] = []
@@ -99,9 +106,10 @@ class WorkerGroup:
         return [w.node_id for w in self.workers]
 
     def bundles_per_node(self) -> dict[str, int]:
+        """The bundles this group holds per node: members' and spares'."""
         counts: dict[str, int] = {}
-        for node in self.node_ids:
-            counts[node] = counts.get(node, 0) + 1
+        for worker in self.workers + self.spares:
+            counts[worker.node_id] = counts.get(worker.node_id, 0) + 1
         return counts
 
     def place(self, num_new: int, timeout_s: float) -> None:
@@ -122,7 +130,7 @@ class WorkerGroup:
                                        f"within {timeout_s:.0f}s")
             self._placed = pgs
             return
-        pgs, taken = [], set(self.node_ids)
+        pgs, taken = [], {w.node_id for w in self.workers + self.spares}
         for _ in range(num_new):
             away = [{_NODE_LABEL: f"!in({','.join(sorted(taken))})"}] if taken else None
             pg = placement_group([dict(self.bundle)], strategy="PACK",
@@ -146,22 +154,76 @@ class WorkerGroup:
     def start_placed(self) -> int:
         """Start a worker process in each bundle ``place`` reserved; returns how many. Bounded:
         an actor that never comes up raises (``GetTimeoutError``), not a hang."""
-        cls = ray.remote(TrainWorker)
-        cpus = self.bundle.get("CPU", 0)
-        custom = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU", "memory")}
-        new = [Worker(cls.options(
-            num_cpus=cpus, num_gpus=self.bundle.get("GPU", 0), resources=custom or None,
-            max_concurrency=4, max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=0),
-        ).remote(self.job), pg) for pg in self._placed]
-        self._placed = []
+        new = self._create_placed()
         self.workers.extend(new)
         identities = ray.get([w.actor.identity.remote() for w in new],
                              timeout=self.actor_start_timeout_s)
         for worker, (node, pid) in zip(new, identities):
             worker.node_id, worker.pid = node, pid
         return len(new)
+
+    def add_spares(self, n: int, timeout_s: float) -> int:
+        """Place and start ``n`` more spare processes without waiting for them (each then
+        runs ``warm_up``); returns how many were placed (0 when they do not fit yet)."""
+        try:
+            self.place(n, timeout_s)
+        except PlacementTimeout:
+            return 0
+        new = self._create_placed()
+        for worker in new:
+            worker.warm_up = worker.actor.warm_up.remote()
+        self.spares.extend(new)
+        return len(new)
+
+    def poll_spares(self) -> tuple[int, int]:
+        """``(ready, warming)`` spares; a spare that died or outlived
+        ``actor_start_timeout_s`` while starting is released."""
+        warming = [w for w in self.spares if w.warm_up is not None]
+        if warming:
+            done, _ = ray.wait([w.warm_up for w in warming], num_returns=len(warming),
+                               timeout=0)
+            failed = []
+            for worker in warming:
+                if worker.warm_up in done:
+                    try:
+                        worker.node_id, worker.pid, _ = ray.get(worker.warm_up)
+                        worker.warm_s = time.monotonic() - worker.started_s
+                    except RayError:
+                        failed.append(worker)
+                    worker.warm_up = None
+                elif time.monotonic() - worker.started_s > self.actor_start_timeout_s:
+                    failed.append(worker)
+            self.release_spares(failed)
+        ready = sum(w.warm_up is None for w in self.spares)
+        return ready, len(self.spares) - ready
+
+    def adopt_spares(self, n: int) -> list[Worker]:
+        """Make up to ``n`` ready spares members (the next ranks); returns them."""
+        ready = [w for w in self.spares if w.warm_up is None][:n]
+        ids = {id(w) for w in ready}
+        self.spares = [w for w in self.spares if id(w) not in ids]
+        self.workers.extend(ready)
+        return ready
+
+    def release_spares(self, spares: list[Worker] | None = None) -> None:
+        spares = list(self.spares) if spares is None else spares
+        _kill(spares)
+        ids = {id(w) for w in spares}
+        self.spares = [w for w in self.spares if id(w) not in ids]
+
+    def _create_placed(self) -> list[Worker]:
+        cls = ray.remote(TrainWorker)
+        cpus = self.bundle.get("CPU", 0)
+        custom = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU", "memory")}
+        now = time.monotonic()
+        new = [Worker(cls.options(
+            num_cpus=cpus, num_gpus=self.bundle.get("GPU", 0), resources=custom or None,
+            max_concurrency=4, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=0),
+        ).remote(self.job), pg, node_id=_node_of(pg), started_s=now) for pg in self._placed]
+        self._placed = []
+        return new
 
     def launch(self) -> None:
         """Form group ``generation + 1`` of every worker: rendezvous at rank 0's address and
@@ -236,19 +298,15 @@ class WorkerGroup:
 
     def release(self, workers: list[Worker]) -> None:
         """Kill these workers at once (never wait on a collective) and free their bundles."""
-        for worker in workers:
-            try:
-                ray.kill(worker.actor, no_restart=True)
-            except Exception:
-                pass
-        _remove([w.pg for w in workers])
+        _kill(workers)
         ids = {id(w) for w in workers}
         self.workers = [w for w in self.workers if id(w) not in ids]
         self.run_refs, self._results, self._reports_sent = [], [], []
 
     def shutdown(self) -> None:
-        """Kill every worker and free every bundle."""
+        """Kill every worker and spare and free every bundle."""
         self.release(list(self.workers))
+        self.release_spares()
         self._release_placed()
 
     def _release_placed(self) -> None:
@@ -268,6 +326,15 @@ def _ready(pgs: list[Any], deadline: float) -> bool:
 
 def _node_of(pg: Any) -> str:
     return placement_group_table(pg).get("bundles_to_node_id", {}).get(0, "")
+
+
+def _kill(workers: list[Worker]) -> None:
+    for worker in workers:
+        try:
+            ray.kill(worker.actor, no_restart=True)
+        except Exception:
+            pass
+    _remove([w.pg for w in workers])
 
 
 def _remove(pgs: list[Any]) -> None:
