@@ -147,3 +147,40 @@ def test_builtin_scheduler_scales_each_group_and_resumes_at_a_step():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx(
         [lr_at(20, cfg, MAX_STEPS), lr_at(20, cfg, MAX_STEPS) / 10])
     assert again.last_epoch == 20
+
+
+def test_warm_up_builds_on_meta_in_its_own_group_and_tolerates_builders_that_cannot():
+    import logging
+
+    import torch.distributed as dist
+
+    from elastic_ckpt.config import TrainConfig
+    from elastic_ckpt.data import SyntheticLMDataset
+    from elastic_ckpt.train import TrainJob, TrainSpec
+    from elastic_ckpt.train.loop import warm_up
+
+    config = TrainConfig()
+    dataset = SyntheticLMDataset(8, config.model.max_seq_len, config.model.vocab_size)
+    built = []
+
+    def model_fn():
+        model = build_gpt(config.model)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    def broken():
+        raise RuntimeError("needs real weights")
+
+    assert warm_up(TrainJob(config, TrainSpec(model_fn, lm_loss), dataset)) > 0
+    assert built == ["meta"] and not dist.is_initialized()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("elastic_ckpt.train.loop").addHandler(handler)
+    logging.getLogger("elastic_ckpt.train.loop").setLevel(logging.INFO)
+    try:
+        warm_up(TrainJob(config, TrainSpec(broken, lm_loss), dataset))
+    finally:
+        logging.getLogger("elastic_ckpt.train.loop").removeHandler(handler)
+    assert not dist.is_initialized()
+    assert any("needs real weights" in r.getMessage() for r in records)

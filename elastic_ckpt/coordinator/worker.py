@@ -25,6 +25,7 @@ from elastic_ckpt.errors import ElasticCkptError, RankError
 from elastic_ckpt.storage import Storage
 from elastic_ckpt.train import RankHooks, RankResult, RankSpec, TrainJob
 from elastic_ckpt.train.distributed import process_group
+from elastic_ckpt.train.loop import warm_up
 from elastic_ckpt.train.storage_check import check_shared_storage
 
 
@@ -43,15 +44,15 @@ class TrainWorker:
 
     def warm_up(self) -> tuple[str, int, float]:
         """What a new rank would otherwise do on the resize's critical path: import the
-        training and checkpoint code, resolve the checkpoint root's filesystem and open the
-        dataset (its first sample). Returns ``identity()`` and the seconds it took."""
+        checkpoint code, resolve the checkpoint root's filesystem, open the dataset (its first
+        sample), and build and shard the model once on meta (``train.loop.warm_up``).
+        Returns ``identity()`` and the seconds it took."""
         t0 = time.perf_counter()
-        for module in ("torch.distributed.checkpoint", "torch.distributed.fsdp",
-                       "elastic_ckpt.train.loop"):
-            importlib.import_module(module)
+        importlib.import_module("torch.distributed.checkpoint")
         Storage(self.job.config.checkpoint.uri)
         if len(self.job.dataset):
             self.job.dataset[0]
+        warm_up(self.job)  # the model built and sharded on meta, once
         return (*self.identity(), time.perf_counter() - t0)
 
     def identity(self) -> tuple[str, int]:
