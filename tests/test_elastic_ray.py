@@ -105,6 +105,11 @@ def test_node_loss_then_capacity_added(tmp_path):
     # ... and started as hot spares while the group trained, not on the resize's path.
     assert all(e.details["spares"] == e.details["workers_started"]
                for e in result.events if e.kind == "scale_up")
+    # Every writer of the stop checkpoint stayed: the new group re-sharded from memory.
+    assert all(e.details["from_peers_bytes"] > 0 and e.details["from_storage_bytes"] == 0
+               for e in result.events if e.kind == "scale_up"), result.events
+    # A failure loads from storage: the survivors hold nothing of the interval checkpoint.
+    assert failure.details["from_peers_bytes"] == 0 < failure.details["from_storage_bytes"]
     check_exact_training(result, config, ref)
 
 
@@ -135,6 +140,8 @@ def test_drain_checkpoints_before_deadline(tmp_path):
     drain = [e for e in result.events if e.kind == "drain"]
     assert len(drain) == 1 and drain[0].steps_lost == 0 and "save" in drain[0].phases
     assert drain[0].to_workers == 1 and kept(drain[0]) == (1, 0)
+    # The kept rank's chunks came from its memory, the drained rank's from storage.
+    assert drain[0].details["from_peers_bytes"] > 0 < drain[0].details["from_storage_bytes"]
     assert drain[0].phases["drain"] < 60  # checkpointed well before the deadline
     check_exact_training(result, config, ref)
 

@@ -44,6 +44,7 @@ from elastic_ckpt.checkpoint.manifest import (
     encode_json_value,
     step_dirname,
 )
+from elastic_ckpt.checkpoint.peer import HeldShards, PeerShardReader, holders
 from elastic_ckpt.checkpoint.plan_cache import PlanCache, stage_with_cached_plan
 from elastic_ckpt.checkpoint.planners import JsonLoadPlanner, JsonSavePlanner
 from elastic_ckpt.checkpoint.reader import ReadStats, ShardReader
@@ -124,6 +125,8 @@ class CheckpointManager:
         self._totals: tuple[Any, int, int] = (None, 0, 0)  # _info's, per metadata
         self._async_saves = 0
         self._abandon = threading.Event()  # set by close(abandon=True)
+        self.held: HeldShards | None = None
+        """What the last ``save(..., hold=True)`` wrote from this rank (see ``load``)."""
 
     @property
     def staging_bytes(self) -> int:
@@ -192,12 +195,15 @@ class CheckpointManager:
             return None
 
     # -- collectives -------------------------------------------------------------------------
-    def save(self, step: int, state: dict[str, Any]) -> CheckpointInfo:
+    def save(self, step: int, state: dict[str, Any], *, hold: bool = False) -> CheckpointInfo:
         """Write ``state`` as checkpoint ``step`` and commit it; then apply retention.
 
         Collective. Returns once the checkpoint is committed (manifest and marker durable).
         Raises ``CheckpointSaveError`` if ``step`` is already committed. Waits first for an
-        async save in flight (``last_waited_s``).
+        async save in flight (``last_waited_s``). ``hold=True``: keep references to the
+        tensors this rank wrote in ``self.held`` (``peer.HeldShards``), so that a new group
+        this process joins can load the checkpoint from memory (``load(..., held=)``); only
+        valid while nothing changes those tensors (the caller stops training).
         """
         self._check_step(step)
         self.last_waited_s = self._wait_previous()
@@ -215,10 +221,14 @@ class CheckpointManager:
         writer = ShardWriter(self.root.child(name), step=step, extra=extra,
                              block_size_bytes=self.block_size_bytes, on_phase=self.on_phase,
                              process_group=self.process_group, pool=self._lender(),
-                             checksum_during_fsync=True)  # the caller waits: nothing changes
+                             checksum_during_fsync=True,  # the caller waits: nothing changes
+                             hold=hold)
+        self.held = None
         metadata = self._run_dcp(lambda: dcp.save(dcp_state, storage_writer=writer,
                                        planner=JsonSavePlanner(),
                                        process_group=self.process_group))
+        if hold:
+            self.held = HeldShards(writer.directory.uri, writer.rank, writer.held or {})
         if self._rank() == 0:
             self._apply_retention(in_progress=frozenset())
         # dcp.save hands every rank the global metadata, so no extra collective is needed.
@@ -329,7 +339,7 @@ class CheckpointManager:
                               extra=decode_json_value(extra))
 
     def load(self, state: dict[str, Any], step: int | None = None, *,
-             fallback: bool = False) -> CheckpointInfo:
+             fallback: bool = False, held: HeldShards | None = None) -> CheckpointInfo:
         """Load checkpoint ``step`` (default: the latest committed) into ``state`` in place,
         re-sharding to the current world size. Collective.
 
@@ -340,21 +350,26 @@ class CheckpointManager:
         failed attempt half-wrote is overwritten in full by the checkpoint that loads; if none
         loads, the last error is raised. Waits first for the deferred staging copies of an
         async save in flight (they read the tensors this overwrites).
+
+        ``held``: the chunks this process wrote to a checkpoint and still holds (an earlier
+        ``save(..., hold=True)``, possibly in another group). When the checkpoint loaded is
+        that one, every chunk whose writer is a member of this group comes from the member's
+        memory over the process group, the rest from storage (``last_read_stats``).
         """
         self.wait_staged()
         self.last_skipped = []
         if step is not None:
-            return self._load_step(state, step)
+            return self._load_step(state, step, held)
         committed, _ = self.catalog.scan() if self._rank() == 0 else (None, None)
         committed = self._broadcast(committed)
         if not committed:
             raise CheckpointNotFoundError(
                 f"no committed checkpoint under {self.uri}", path=self.uri)
         if not fallback:
-            return self._load_step(state, committed[-1])
+            return self._load_step(state, committed[-1], held)
         for candidate in reversed(committed):
             try:
-                return self._load_step(state, candidate)
+                return self._load_step(state, candidate, held)
             except CheckpointCorruptError as exc:
                 error = exc
                 log.warning("checkpoint step %d under %s is corrupt; marking it CORRUPT and "
@@ -366,7 +381,8 @@ class CheckpointManager:
             f"{', '.join(str(s) for s, _ in self.last_skipped)}; all now marked CORRUPT). The "
             f"newest error: {self.last_skipped[0][1]}", path=self.uri) from error
 
-    def _load_step(self, state: dict[str, Any], step: int) -> CheckpointInfo:
+    def _load_step(self, state: dict[str, Any], step: int,
+                   held: HeldShards | None = None) -> CheckpointInfo:
         opened: tuple[Storage, Any] | None = None
         failure: BaseException | None = None
         try:
@@ -380,8 +396,11 @@ class CheckpointManager:
             raise failure
         directory, manifest = opened
         dcp_state, _ = _split_state(state)
-        reader = ShardReader(directory, manifest,
-                             num_threads=self.read_threads or default_read_threads())
+        threads = self.read_threads or default_read_threads()
+        members = holders(held, directory.uri, self.process_group)  # the same on every rank
+        reader = (PeerShardReader(directory, manifest, num_threads=threads, held=held,
+                                  holders=members, process_group=self.process_group)
+                  if members else ShardReader(directory, manifest, num_threads=threads))
         self._run_dcp(lambda: dcp.load(dcp_state, storage_reader=reader,
                                        planner=JsonLoadPlanner(),
                                        process_group=self.process_group))

@@ -52,10 +52,13 @@ class ReadStats:
 
     bytes_needed: int = 0
     bytes_read: int = 0
+    bytes_from_peers: int = 0
+    """Of ``bytes_needed``, those taken from peers' memory (``peer.PeerShardReader``)."""
 
     @property
     def amplification(self) -> float:
-        return self.bytes_read / self.bytes_needed if self.bytes_needed else 1.0
+        needed = self.bytes_needed - self.bytes_from_peers
+        return self.bytes_read / needed if needed else 1.0
 
 
 def read_manifest(directory: Storage) -> Manifest:

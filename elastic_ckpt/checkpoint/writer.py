@@ -121,6 +121,7 @@ class ShardWriter(StorageWriter):
         process_group: dist.ProcessGroup | None = None,
         pool: FilePool | None = None,
         checksum_during_fsync: bool = False,
+        hold: bool = False,
         single_file_per_rank: bool = True,
         sync_files: bool = True,
         thread_count: int = 1,
@@ -147,6 +148,9 @@ class ShardWriter(StorageWriter):
         """Checksum host tensors during the fsync (faster), not as each is written: only for
         callers whose tensors cannot change until the save returns (``CheckpointManager``),
         not under ``dcp.async_save``, whose background write reads live CPU tensors."""
+        self.held: dict[tuple[str, tuple[int, ...]], Any] | None = {} if hold else None
+        """With ``hold``: the tensors this rank wrote, by ``(fqn, chunk offsets)``
+        (references; see ``peer.HeldShards``)."""
         self.rank = 0
         self.is_coordinator = False
         self.save_id = uuid.uuid4().hex
@@ -213,7 +217,7 @@ class ShardWriter(StorageWriter):
         name = rank_filename(self.rank)
         target = name if not plan.storage_data else aside_name(name, plan.storage_data)
         flat_state = getattr(planner, "state_dict", None) or {}
-        chunks = ((item.index, planner.resolve_data(item),
+        chunks = ((item.index, self._hold(item.index, planner.resolve_data(item)),
                    placements_of(flat_state.get(item.index.fqn)))
                   for item in plan.items if item.type != WriteItemType.BYTE_IO)
         results = [WriteResult(index=index, size_in_bytes=written.byte_length,
@@ -228,6 +232,11 @@ class ShardWriter(StorageWriter):
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
+
+    def _hold(self, index: MetadataIndex, tensor: Any) -> Any:
+        if self.held is not None:
+            self.held[(index.fqn, tuple(index.offset or ()))] = tensor
+        return tensor
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator only, after every rank's data is durable: (for a rewrite: un-commit,

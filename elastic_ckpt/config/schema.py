@@ -101,6 +101,11 @@ class CheckpointConfig(_Section):
     while the next step's forward/backward runs, waiting (if at all) just before its
     ``optimizer.step``; buffers and step counters are copied before the save returns. Off:
     every copy is made before training resumes."""
+    reshard_from_memory: bool = True
+    """On a resize, the processes that stay keep the shards their stop checkpoint wrote and
+    the new group takes each chunk from its writer's memory over the process group; only the
+    chunks of workers that left are read from storage. Costs one more copy of a rank's state
+    (host or GPU memory, where the model lives) while the new group builds its model."""
     max_failed_saves: PositiveInt = 3
     """Consecutive failed saves (ENOSPC, an object-store error) the run tolerates, each a
     warning, before it fails naming the cause and the last committed checkpoint."""

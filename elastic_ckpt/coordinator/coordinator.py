@@ -429,9 +429,9 @@ class Coordinator:
             event.phases["build"] = fields["build_seconds"]
             event.skipped_checkpoints = list(fields.get("skipped", ()))
             event.warnings = list(fields.get("warnings", ()))
-            event.details.update({k: fields[k] for k in ("fsdp_units", "init_from",
-                                                         "init_bytes_read", "model_bytes")
-                                  if k in fields})
+            event.details.update({k: fields[k] for k in (
+                "fsdp_units", "init_from", "init_bytes_read", "model_bytes", "from_peers_bytes",
+                "from_storage_bytes") if k in fields})
         if name == "checkpoint" and event.kind != "start" and not fields.get("async"):
             event.phases["save"] = fields["seconds"]  # the stop save, its wait included
 

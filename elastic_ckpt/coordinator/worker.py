@@ -39,6 +39,7 @@ class TrainWorker:
         self._stops: set[int] = set()  # generations asked to stop (a request may come first)
         self._lock = threading.Lock()
         self.groups_joined = 0
+        self._held: Any = None  # the shards the last group's stop save wrote from here
         cpus = job.config.scaling.resources_per_worker.get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
 
@@ -91,7 +92,8 @@ class TrainWorker:
             report("event", ("rendezvous", {"seconds": time.perf_counter() - started,
                                             "pid": os.getpid(), "groups_joined": joined}))
             check_shared_storage(self.job.config.checkpoint.uri, spec.node or self.node_id())
-            trainer = self.job.trainer(hooks, spec.device)
+            trainer = self.job.trainer(hooks, spec.device, held=self._held)
+            self._held = None
             try:
                 result = trainer.run()
             except ElasticCkptError:
@@ -100,6 +102,8 @@ class TrainWorker:
                 raise _rank_error(exc, spec.rank, trainer) from exc
             finally:  # before the coordinator hears of the end: nothing left in flight
                 trainer.close()
+            # A stop for a resize: the next group can re-shard from this process's memory.
+            self._held = trainer.ckpt.held if result.stopped else None
         return result, next(seq)
 
     def request_stop(self, generation: int) -> None:

@@ -116,10 +116,10 @@ class TrainJob:
     dataset: Any
     eval_dataset: Any | None = None
 
-    def trainer(self, hooks: RankHooks, device: torch.device):
+    def trainer(self, hooks: RankHooks, device: torch.device, held: Any = None):
         from elastic_ckpt.train.loop import RankTrainer
 
-        return RankTrainer(self, hooks=hooks, device=device)
+        return RankTrainer(self, hooks=hooks, device=device, held=held)
 
 
 def default_model(config: TrainConfig) -> tuple[Callable[[], nn.Module], LossFn]:

@@ -21,6 +21,7 @@ from elastic_ckpt.checkpoint import AppState, CheckpointInfo, CheckpointManager
 from elastic_ckpt.config import OptimConfig
 from elastic_ckpt.data import ElasticSampler, collate
 from elastic_ckpt.checkpoint.async_save import SaveHandle
+from elastic_ckpt.checkpoint.peer import HeldShards
 from elastic_ckpt.errors import (
     CheckpointNotFoundError,
     CheckpointSavesFailedError,
@@ -51,7 +52,7 @@ class RankTrainer:
     """Runs training for one rank of the default process group."""
 
     def __init__(self, job: TrainJob, hooks: RankHooks = RankHooks(),
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, held: HeldShards | None = None) -> None:
         config, spec = job.config, job.spec
         self.job = job
         self.config = config
@@ -79,6 +80,9 @@ class RankTrainer:
         self.restored_step: int | None = None
         """The step the run resumed from once the restore is done (0: no checkpoint)."""
         self.last_committed: CheckpointInfo | None = None
+        self.held = held
+        """The shards this process wrote to a checkpoint in its previous group (a stop for a
+        resize); the restore takes what it can of that checkpoint from the group's memory."""
         self._in_flight: SaveHandle | None = None  # the async save not yet reported
         self._failed_saves = 0  # background saves failed in a row
 
@@ -161,8 +165,10 @@ class RankTrainer:
                 "seed": d.seed, "shuffle": d.shuffle}
 
     def _restore(self, state: dict[str, Any]) -> tuple[int, CheckpointInfo | None]:
+        held, self.held = self.held, None  # dropped once loaded: they are the old model's
         try:
-            info = self.ckpt.load(state, fallback=self.config.checkpoint.fallback_on_corrupt)
+            info = self.ckpt.load(state, fallback=self.config.checkpoint.fallback_on_corrupt,
+                                  held=held)
         except CheckpointNotFoundError:
             return 0, None
         saved = info.extra.get("trainer", {})
@@ -223,6 +229,8 @@ class RankTrainer:
             "from_world_size": None if info is None else info.world_size,
             "build_seconds": t0 - started, "fsdp_units": fsdp_units(model),
             "skipped": [{"step": s, "error": e} for s, e in self.ckpt.last_skipped],
+            "from_peers_bytes": self.ckpt.last_read_stats.bytes_from_peers,
+            "from_storage_bytes": self.ckpt.last_read_stats.bytes_read,
             "warnings": list(self.restore_warnings), **pretrained})
         record = self._model_record(model)
         tokens_seen = int(trainer_state.get("tokens_seen", 0))
@@ -243,7 +251,9 @@ class RankTrainer:
             # group (a stop, the last step) are committed before the ranks return.
             if stop or self._due(step):
                 self._save(app, record, step, tokens_seen,
-                           final=stop or step == self.config.max_steps)
+                           final=stop or step == self.config.max_steps,
+                           hold=stop and step < self.config.max_steps
+                           and self.config.checkpoint.reshard_from_memory)
             if self._eval_due(step) and not (stop and step < self.config.max_steps):
                 self._evaluate(model, step)
             if stop:
@@ -283,10 +293,11 @@ class RankTrainer:
         self.hooks.on_eval(metrics)
 
     def _save(self, app: AppState, record: dict[str, Any], step: int, tokens_seen: int,
-              final: bool) -> None:
+              final: bool, hold: bool = False) -> None:
         """Checkpoint ``step`` (collective). An interval save with ``checkpoint.async_save``
         stages and returns (its commit is reported when it lands); a ``final`` one is committed
-        here, after the save in flight, and its ``seconds`` include that wait."""
+        here, after the save in flight, and its ``seconds`` include that wait. ``hold`` (a stop
+        for a resize): keep the saved shards for the next group (``self.ckpt.held``)."""
         t0 = time.perf_counter()
         waited = self._collect_save(block=True)
         state = {"app": app, "model": record,
@@ -298,7 +309,7 @@ class RankTrainer:
                 "step": step, "seconds": time.perf_counter() - t0, "waited_s": waited,
                 "staged_s": handle.staged_s, "staging_bytes": self.ckpt.staging_bytes})
             return
-        info = self.ckpt.save(step, state)
+        info = self.ckpt.save(step, state, hold=hold)
         self.last_committed, self._failed_saves = info, 0
         self.hooks.on_event("checkpoint", {"seconds": time.perf_counter() - t0, "step": step,
                                            "bytes": info.total_bytes, "async": False,
