@@ -2,8 +2,8 @@
 a ``WorkerGroup`` — one state transition per loop iteration (see ``state.py``).
 
 Runs inside one Ray actor (``ElasticTrainer`` starts it, pinned to the driver's node). Tensors
-never pass through it: ranks exchange state through checkpoints only.
-"""
+never pass through it: ranks exchange state through checkpoints and, on a resize, directly
+between the processes of the new group (``checkpoint.peer``)."""
 
 from __future__ import annotations
 

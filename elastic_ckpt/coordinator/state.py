@@ -7,10 +7,11 @@ STARTING   -> RUNNING     group placed and launched
 RUNNING    -> FINISHED    every rank reached max_steps
            -> RESIZING    ScalingPolicy: capacity grew / a node drains
            -> RECOVERING  a worker, node or the training code failed
-RESIZING   -> STARTING    every rank stopped at a step boundary with a checkpoint
+RESIZING   -> STARTING    every rank stopped at a step boundary with a checkpoint (processes
+                          kept, the draining nodes' released)
            -> RECOVERING  a failure while stopping
            -> FINISHED    the stop landed on max_steps
-RECOVERING -> STARTING    FailurePolicy: RETRY (survivors were killed at once)
+RECOVERING -> STARTING    FailurePolicy: RETRY (survivors kept if they left the group)
            -> FAILED      FailurePolicy: RAISE
 WAITING    -> STARTING    min_workers fit again
            -> FAILED      scaling.capacity_timeout_s passed
