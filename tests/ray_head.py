@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -118,6 +119,50 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not leftover, f"Ray processes left behind: {[p.pid for p in leftover]}"
 
+
+
+@contextlib.contextmanager
+def fake_autoscaling_head(max_nodes: int, cpus_per_node: int = 1,
+                          idle_timeout_s: float = 6.0) -> Iterator[RayHead]:
+    """``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...`` on 127.0.0.1: Ray's
+    real autoscaler with its ``fake_multinode`` provider, which launches up to ``max_nodes``
+    worker nodes of ``cpus_per_node`` CPUs as local processes when resources are requested and
+    removes them when idle. The head has 0 CPUs and no worker node at the start. Stopped by
+    its private temp dir; the test fails if a process is left."""
+    temp_dir = tempfile.mkdtemp(prefix="rayfake-", dir="/tmp")
+    head = RayHead(temp_dir, free_port(), free_port())
+    worker = {"resources": {"CPU": cpus_per_node}, "node_config": {}, "min_workers": 0,
+              "max_workers": max_nodes}
+    config = {
+        "cluster_name": "fake", "max_workers": max_nodes, "upscaling_speed": 10.0,
+        "idle_timeout_minutes": idle_timeout_s / 60,
+        "provider": {"type": "fake_multinode", "gcs_address": head.address,
+                     "disable_launch_config_check": True, "disable_node_updaters": True},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "ray.worker.cpu": worker},
+        "head_node_type": "ray.head.default",
+        "auth": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "initialization_commands": [],
+        "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+    path = os.path.join(temp_dir, "autoscaler.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    try:
+        started = ray_cli("start", "--head", "--node-ip-address=127.0.0.1",
+                          f"--port={head.port}", f"--temp-dir={temp_dir}",
+                          "--include-dashboard=false", "--num-cpus=0",
+                          f"--autoscaling-config={path}", "--disable-usage-stats",
+                          env={"RAY_FAKE_CLUSTER": "1"})
+        assert started.returncode == 0, started.stderr
+        yield head
+    finally:
+        stop_ray(temp_dir)
+        leftover = processes_of(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not leftover, f"Ray processes left behind: {[p.pid for p in leftover]}"
 
 def _run_worker_node(address: str, num_cpus: int) -> None:
     """A Ray worker node joined to ``address``, as ``ray.cluster_utils.Cluster.add_node``

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from elastic_ckpt import ElasticTrainer
 from elastic_ckpt.config import TrainConfig
 from elastic_ckpt.data import SyntheticLMDataset
 from elastic_ckpt.train import build_gpt, lm_loss
@@ -141,3 +143,34 @@ def full_params(model) -> dict[str, torch.Tensor]:
 def buggy_loss(model, batch):
     """A user's bug: the dataset has no ``labels`` (the same KeyError on every attempt)."""
     return lm_loss(model, {"input_ids": batch["input_ids"], "labels": batch["labels"]})
+
+
+class Run:
+    """``fit()`` on a background thread (the cluster is driven from the main thread)."""
+
+    def __init__(self, **kwargs) -> None:
+        self.steps = []
+        self.result = self.error = None
+        self.trainer = ElasticTrainer(
+            on_progress=lambda progress: self.steps.extend(progress.steps), **kwargs)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.trainer.fit()
+        except BaseException as exc:  # re-raised in the test thread by join()
+            self.error = exc
+
+    def reached(self, step: int, world_size: int | None = None) -> bool:
+        if not self.thread.is_alive():
+            self.join(0)  # fit() ended early: surface its error now
+        return any(m.step >= step and (world_size is None or m.world_size == world_size)
+                   for m in self.steps)
+
+    def join(self, timeout_s: float = 400):
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "fit() did not return"
+        if self.error is not None:
+            raise self.error
+        return self.result

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import functools
 import subprocess
-import threading
 
 import pytest
 import torch
-from ray_jobs import Faults, dataset, loopback_cluster, tiny_config, trainer_kwargs, wait_for
+from ray_jobs import (
+    Faults,
+    Run,
+    dataset,
+    loopback_cluster,
+    tiny_config,
+    trainer_kwargs,
+    wait_for,
+)
 
-from elastic_ckpt import ElasticTrainer, TrainingFailedError, verify
+from elastic_ckpt import TrainingFailedError, verify
 from elastic_ckpt.data import ElasticSampler
 from elastic_ckpt.train import build_gpt, lm_loss
 from elastic_ckpt.train import TrainJob, TrainSpec
@@ -29,37 +36,6 @@ def reference_losses(config, tmp_path) -> dict[int, float]:
                    dataset())
     run_local_group(job, 2, on_step=history.append)
     return {m.step: m.loss for m in history}
-
-
-class Run:
-    """``fit()`` on a background thread (the cluster is driven from the main thread)."""
-
-    def __init__(self, **kwargs) -> None:
-        self.steps = []
-        self.result = self.error = None
-        self.trainer = ElasticTrainer(
-            on_progress=lambda progress: self.steps.extend(progress.steps), **kwargs)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.result = self.trainer.fit()
-        except BaseException as exc:  # re-raised in the test thread by join()
-            self.error = exc
-
-    def reached(self, step: int, world_size: int | None = None) -> bool:
-        if not self.thread.is_alive():
-            self.join(0)  # fit() ended early: surface its error now
-        return any(m.step >= step and (world_size is None or m.world_size == world_size)
-                   for m in self.steps)
-
-    def join(self, timeout_s: float = 400):
-        self.thread.join(timeout_s)
-        assert not self.thread.is_alive(), "fit() did not return"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def check_exact_training(result, config, ref: dict[int, float]) -> None:

@@ -174,3 +174,53 @@ def test_event_steps_lost_and_timeline(tmp_path):
     line = (tmp_path / "run" / "events.jsonl").read_text().strip()
     assert '"steps_lost": 3' in line and '"kind": "failure"' in line
     assert timeline.events == [event] and event.total_s is not None
+
+
+def test_the_ray_internals_the_cluster_view_uses_exist_in_the_checked_versions():
+    import ray
+
+    from elastic_ckpt.coordinator.cluster import RAY_CHECKED, ray_internals
+
+    version = tuple(int(x) for x in ray.__version__.split(".")[:2])
+    lo, hi = RAY_CHECKED
+    assert lo <= version <= hi, (
+        f"Ray {ray.__version__} is outside the checked range {RAY_CHECKED}: check drain "
+        "detection (ray._private.state) against it, then widen RAY_CHECKED")
+    ray_internals()
+
+
+def test_a_ray_without_them_is_refused_naming_what_is_missing(monkeypatch):
+    from ray._private import state
+
+    from elastic_ckpt.coordinator.cluster import ClusterView
+
+    monkeypatch.delattr(type(state.state), "get_draining_nodes")
+    with pytest.raises(RuntimeError, match=r"lacks ray\._private\.state\.state\."
+                                           r"get_draining_nodes.*Install a Ray in that range"):
+        ClusterView()
+
+
+def test_failures_are_classified_by_type_not_by_message():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from elastic_ckpt.coordinator.worker_group import _classify
+    from elastic_ckpt.errors import ConfigError, RankError
+
+    died = ActorDiedError()  # whatever its text says, the node table decides
+    assert _classify(died, 1, node_alive=True).kind is FailureKind.WORKER_DIED
+    assert _classify(died, 1, node_alive=False).kind is FailureKind.NODE_DIED
+    preempted = ActorDiedError()
+    preempted._preempted = True
+    assert _classify(preempted, 1, node_alive=False).kind is FailureKind.PREEMPTED
+
+    def task_error(cause):
+        return RayTaskError("run", "traceback", cause)
+
+    fatal = _classify(task_error(ConfigError("bad field", field="x")), 0)
+    assert fatal.kind is FailureKind.FATAL
+    rank_error = RankError("rank 0 raised in step 3: KeyError: 'x'", rank=0, step=3,
+                           resumed_step=0, error_type="KeyError", error_message="'x'",
+                           traceback="...")
+    training = _classify(task_error(rank_error), 0)
+    assert training.kind is FailureKind.TRAINING_ERROR
+    assert training.signature == ("KeyError", "'x'", 3, 0)

@@ -4,10 +4,14 @@ many workers fit on it."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
+from typing import Any
 
 import ray
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,17 +48,45 @@ class ClusterSnapshot:
         return total
 
 
+RAY_CHECKED = ((2, 40), (2, 60))
+"""The Ray versions (major, minor; inclusive) whose private state API ``ClusterView`` was
+checked against: ``ray._private.state.state.get_draining_nodes`` (drain notices and their
+deadlines) and ``ray._private.state.available_resources_per_node`` (free resources per node).
+``tests/test_policies.py`` pins the installed version to this range."""
+
+
+def ray_internals() -> Any:
+    """``ray._private.state``, after checking that what ``ClusterView`` uses is there: without
+    it drains would go unnoticed (a preempted node's workers would just die) and capacity
+    would be misjudged, so a Ray that lacks it is refused, naming what is missing."""
+    from ray._private import state  # noqa: PLC0415 - per-node views live here
+
+    missing = [name for name, owner in (("state.get_draining_nodes", state.state),
+                                        ("available_resources_per_node", state))
+               if not callable(getattr(owner, name.rpartition(".")[2], None))]
+    if missing:
+        lo, hi = (".".join(map(str, v)) for v in RAY_CHECKED)
+        raise RuntimeError(
+            f"Ray {ray.__version__} lacks ray._private.state.{', '.join(missing)}, which "
+            f"elastic_ckpt uses to see drains and free resources per node (checked with Ray "
+            f"{lo} to {hi}). Install a Ray in that range.")
+    return state
+
+
 class ClusterView:
     """Polls Ray. Every call is a fresh snapshot; nothing is cached between polls."""
 
-    def snapshot(self) -> ClusterSnapshot:
-        from ray._private import state  # noqa: PLC0415 - per-node views live here
+    def __init__(self) -> None:
+        self._state = ray_internals()
 
-        draining = _draining_nodes(state)
-        try:
+    def snapshot(self) -> ClusterSnapshot:
+        state = self._state
+        try:  # present (checked at construction); a failing call is a GCS hiccup
+            draining = dict(state.state.get_draining_nodes())
             available = state.available_resources_per_node()
-        except Exception:  # older Ray: fall back to totals (a dedicated cluster)
-            available = {}
+        except Exception as exc:  # noqa: BLE001 - the next poll asks again
+            log.warning("could not read the cluster's drains and free resources: %s", exc)
+            draining, available = {}, {}
         nodes = []
         for info in ray.nodes():
             if not info.get("Alive"):
@@ -69,10 +101,3 @@ class ClusterView:
                 drain_deadline_s=deadline / 1000.0 if deadline else None))
         return ClusterSnapshot(taken_s=time.time(), nodes=tuple(nodes))
 
-
-def _draining_nodes(state) -> dict[str, int]:
-    """node id -> drain deadline (unix ms, 0 when none)."""
-    try:
-        return dict(state.state.get_draining_nodes())
-    except Exception:
-        return {}

@@ -248,6 +248,7 @@ class WorkerGroup:
         ``run`` call failing."""
         failures: list[Failure] = []
         ready, _ = ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=0)
+        alive: set[str] | None = None  # asked once, on the first dead actor
         for ref in ready:
             rank = self.run_refs.index(ref)
             if self._results[rank] is not None:
@@ -255,7 +256,10 @@ class WorkerGroup:
             try:
                 self._results[rank], self._reports_sent[rank] = ray.get(ref)
             except RayError as exc:
-                failures.append(_classify(exc, rank))
+                if alive is None and isinstance(exc, RayActorError):
+                    alive = _alive_nodes(self.node_ids)
+                failures.append(_classify(exc, rank, node_alive=alive is None or
+                                          self.workers[rank].node_id in alive))
         # A peer's death surfaces in the survivors as collective errors; report the death.
         failure = min(failures, key=lambda f: _PRIORITY[f.kind]) if failures else None
         return GroupPoll(results=tuple(self._results), failure=failure)
@@ -324,6 +328,15 @@ def _ready(pgs: list[Any], deadline: float) -> bool:
         return False
 
 
+def _alive_nodes(ours: list[str]) -> set[str]:
+    """The nodes Ray's node table lists as alive (all of ``ours`` when it cannot be read:
+    then a dead actor is not blamed on its node)."""
+    try:
+        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    except Exception:  # noqa: BLE001 - GCS unreachable
+        return set(ours)
+
+
 def _node_of(pg: Any) -> str:
     return placement_group_table(pg).get("bundles_to_node_id", {}).get(0, "")
 
@@ -345,7 +358,11 @@ def _remove(pgs: list[Any]) -> None:
             pass
 
 
-def _classify(exc: BaseException, rank: int | None) -> Failure:
+def _classify(exc: BaseException, rank: int | None, node_alive: bool = True) -> Failure:
+    """A failed ``run`` call as a ``Failure``, by type: the typed errors a rank raises (fatal
+    ones, ``RankError`` from training code), and for a dead actor Ray's ``preempted`` flag
+    (its node was drained by the autoscaler) and whether its node is still alive in Ray's
+    node table (``node_alive``), never by the wording of Ray's message."""
     where = f"rank {rank}" if rank is not None else "a worker"
     if isinstance(exc, RayTaskError):
         cause = exc.cause if hasattr(exc, "cause") else None
@@ -359,10 +376,10 @@ def _classify(exc: BaseException, rank: int | None) -> Failure:
         return Failure(FailureKind.TRAINING_ERROR, f"{where}: {exc}")
     if isinstance(exc, RayActorError):
         text = str(exc)
-        preempted = getattr(exc, "preempted", False)
-        if preempted:
+        if getattr(exc, "preempted", False):
             return Failure(FailureKind.PREEMPTED, f"{where} was preempted: {text}")
-        node_died = "node" in text.lower() and ("died" in text.lower() or "dead" in text.lower())
-        kind = FailureKind.NODE_DIED if node_died else FailureKind.WORKER_DIED
-        return Failure(kind, f"{where} died: {text.splitlines()[0] if text else ''}")
+        first = text.splitlines()[0] if text else ""
+        if not node_alive:
+            return Failure(FailureKind.NODE_DIED, f"{where} died with its node: {first}")
+        return Failure(FailureKind.WORKER_DIED, f"{where} died: {first}")
     return Failure(FailureKind.WORKER_DIED, f"{where}: {exc}")
