@@ -224,3 +224,48 @@ def test_failures_are_classified_by_type_not_by_message():
     training = _classify(task_error(rank_error), 0)
     assert training.kind is FailureKind.TRAINING_ERROR
     assert training.signature == ("KeyError", "'x'", 3, 0)
+
+
+def test_policies_are_injectable_and_the_coordinator_asks_them(tmp_path):
+    from elastic_ckpt.config import TrainConfig
+    from elastic_ckpt.coordinator import Coordinator, ScalingEvent
+    from elastic_ckpt.coordinator.policy import FailurePolicyProtocol, ScalingPolicyProtocol
+    from elastic_ckpt.coordinator.state import Failed, Recovering
+    from elastic_ckpt.data import SyntheticLMDataset
+    from elastic_ckpt.train import TrainJob, TrainSpec
+
+    class NeverRetry:
+        asked = []
+
+        def decide(self, failure, failures_so_far, previous=None):
+            self.asked.append((failure.kind, failures_so_far))
+            return FailureDecision.RAISE
+
+        def counts(self, failure):
+            return True
+
+        def is_repeat(self, failure, previous):
+            return False
+
+    class Fixed(ScalingPolicy):
+        def wanted(self, obs):
+            return obs.num_workers  # no spares
+
+    config = TrainConfig(run_dir=str(tmp_path / "run"))
+    job = TrainJob(config, TrainSpec(), SyntheticLMDataset(8, 16, 64))
+    scaling, failures = Fixed(1, 1), NeverRetry()
+    for protocol, policy in ((ScalingPolicyProtocol, scaling),
+                             (FailurePolicyProtocol, failures)):  # what the docs promise
+        assert all(callable(getattr(policy, m)) for m in vars(protocol)
+                   if not m.startswith("_") and callable(vars(protocol)[m]))
+    coordinator = Coordinator(config, job, cluster=object(), scaling_policy=scaling,
+                              failure_policy=failures)
+    assert coordinator.scaling is scaling and coordinator.failure_policy is failures
+    state = Recovering(Failure(FailureKind.WORKER_DIED, "rank 1 died"),
+                       ScalingEvent("failure", "rank 1 died", from_workers=1))
+    try:
+        out = coordinator._recovering(state)  # the default would retry a first crash
+    finally:
+        coordinator.telemetry.close()
+    assert isinstance(out, Failed) and "rank 1 died" in out.error
+    assert NeverRetry.asked == [(FailureKind.WORKER_DIED, 0)]

@@ -27,9 +27,11 @@ from elastic_ckpt.coordinator.policy import (
     FailureDecision,
     FailureKind,
     FailurePolicy,
+    FailurePolicyProtocol,
     Observation,
     ResizeDecision,
     ScalingPolicy,
+    ScalingPolicyProtocol,
 )
 from elastic_ckpt.coordinator.state import (
     TERMINAL,
@@ -84,12 +86,14 @@ class Progress:
 
 class Coordinator:
     def __init__(self, config: TrainConfig, job: TrainJob, record_samples: bool = False,
-                 cluster: ClusterView | None = None) -> None:
+                 cluster: ClusterView | None = None, *,
+                 scaling_policy: ScalingPolicyProtocol | None = None,
+                 failure_policy: FailurePolicyProtocol | None = None) -> None:
         s = config.scaling
         self.config = config
-        self.scaling = ScalingPolicy(s.min_workers, s.max_workers, cooldown_s=s.cooldown_s,
-                                     settle_s=s.settle_s)
-        self.failure_policy = FailurePolicy(config.failure.max_failures)
+        self.scaling = scaling_policy or ScalingPolicy(
+            s.min_workers, s.max_workers, cooldown_s=s.cooldown_s, settle_s=s.settle_s)
+        self.failure_policy = failure_policy or FailurePolicy(config.failure.max_failures)
         self.cluster = cluster or ClusterView()
         self.group = WorkerGroup(job, s.bundle, s.placement_strategy, s.use_gpu,
                                  sink=_current_actor(),

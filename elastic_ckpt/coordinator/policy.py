@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Literal
+from typing import Literal, Protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,3 +144,36 @@ class FailurePolicy:
             return FailureDecision.RETRY
         return (FailureDecision.RETRY if failures_so_far + 1 <= self.max_failures
                 else FailureDecision.RAISE)
+
+
+class ScalingPolicyProtocol(Protocol):
+    """What the coordinator asks of a scaling policy (``ElasticTrainer(scaling_policy=...)``).
+    Pure: the answers depend on the arguments only (the coordinator passes the clock in)."""
+
+    min_workers: int
+    """Fewest workers a group may have; below it the coordinator waits for capacity."""
+
+    def decide(self, obs: Observation) -> ScalingDecision:
+        """Resize the running group now (to ``num_workers``, for a reason), or not."""
+
+    def start_size(self, capacity: int) -> int | None:
+        """The size to start a group with when ``capacity`` workers fit (None: wait)."""
+
+    def wanted(self, obs: Observation) -> int:
+        """How many worker processes to have started now, spares for a coming scale-up
+        included (return ``obs.num_workers`` for none)."""
+
+
+class FailurePolicyProtocol(Protocol):
+    """What the coordinator asks of a failure policy (``ElasticTrainer(failure_policy=...)``).
+    Pure, like ``FailurePolicy``."""
+
+    def decide(self, failure: Failure, failures_so_far: int,
+               previous: Failure | None = None) -> FailureDecision:
+        """Retry (restart from the latest checkpoint) or raise."""
+
+    def counts(self, failure: Failure) -> bool:
+        """Whether ``failure`` counts towards the failures so far."""
+
+    def is_repeat(self, failure: Failure, previous: Failure | None) -> bool:
+        """Whether ``failure`` repeats ``previous`` exactly (for the error message)."""

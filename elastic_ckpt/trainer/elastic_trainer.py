@@ -20,6 +20,7 @@ from elastic_ckpt.checkpoint.manager import latest_or_reason
 from elastic_ckpt.config import TrainConfig, validate_config
 from elastic_ckpt.coordinator import Coordinator, ScalingEvent
 from elastic_ckpt.coordinator.coordinator import Progress
+from elastic_ckpt.coordinator.policy import FailurePolicyProtocol, ScalingPolicyProtocol
 from elastic_ckpt.coordinator.telemetry import require_tensorboard
 from elastic_ckpt.data import ParquetDataset, SyntheticLMDataset
 from elastic_ckpt.errors import ConfigError, TrainingFailedError
@@ -73,7 +74,11 @@ class ElasticTrainer:
     Relative local paths in the config are made absolute here, against this process's working
     directory (refused inside a ``ray job submit`` working-dir copy, which Ray deletes).
     ``ray_address`` picks the Ray cluster (``trainer.ray_session.ADDRESS_HELP``; default: Ray's
-    convention); ``fit()`` says which one it joined or started, unless ``verbose=False``."""
+    convention); ``fit()`` says which one it joined or started, unless ``verbose=False``.
+    ``scaling_policy`` / ``failure_policy`` replace the built-in ``ScalingPolicy`` and
+    ``FailurePolicy`` (from ``config.scaling`` / ``config.failure``) with any object of the
+    protocols in ``elastic_ckpt.coordinator.policy``; they are pickled to the coordinator
+    actor and must stay pure (no Ray calls, no clock: the observation carries ``now_s``)."""
 
     def __init__(self, model_fn: Callable[[], torch.nn.Module] | None = None,
                  dataset: Any | None = None, loss_fn: Callable | None = None,
@@ -83,7 +88,8 @@ class ElasticTrainer:
                  lr_scheduler_fn: Callable | None = None, eval_dataset: Any | None = None,
                  eval_fn: Callable | None = None, record_samples: bool = False,
                  on_progress: ProgressFn | None = None, ray_address: str | None = None,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, scaling_policy: ScalingPolicyProtocol | None = None,
+                 failure_policy: FailurePolicyProtocol | None = None) -> None:
         if config is None:
             config = TrainConfig()
         elif isinstance(config, dict):
@@ -106,6 +112,8 @@ class ElasticTrainer:
             dataset=dataset if dataset is not None else dataset_from_config(config),
             eval_dataset=eval_dataset)
         self.record_samples = record_samples
+        self.scaling_policy = scaling_policy
+        self.failure_policy = failure_policy
         self.on_progress = on_progress
         self.ray_address = ray_address
         self.verbose = verbose
@@ -131,7 +139,8 @@ class ElasticTrainer:
         coordinator = ray.remote(Coordinator).options(
             name=self.coordinator_name, num_cpus=0, max_concurrency=4, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-        ).remote(self.config, self.job, self.record_samples)
+        ).remote(self.config, self.job, self.record_samples,
+                 scaling_policy=self.scaling_policy, failure_policy=self.failure_policy)
         try:
             run = coordinator.run.remote()
             while not ray.wait([run], timeout=0.5)[0]:
