@@ -75,6 +75,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import banner, loadavg, markdown_table  # noqa: E402
 from _configs import add_model_flags, train_config  # noqa: E402
 
+from elastic_ckpt.train.events import Phase  # noqa: E402
+
 SYSTEMS = ("elastic_ckpt", "ray_train")
 WAIT_TIMEOUT_S = 240.0
 
@@ -436,8 +438,7 @@ def run_once(name: str, o: argparse.Namespace, attempt: int) -> dict:
 
 
 # -- reporting -----------------------------------------------------------------------------------
-PHASES = ("detect", "drain", "save", "teardown", "wait_capacity", "placement", "actors",
-          "rendezvous", "build", "load", "first_step")
+PHASES = tuple(p.value for p in Phase)  # the library's timeline order
 
 
 def elastic_events(out: dict) -> dict[str, list]:

@@ -10,6 +10,7 @@ import pytest
 from mounts import tmpfs
 from ray_jobs import dataset, tiny_config
 
+from elastic_ckpt.train.events import CheckpointCommitted, CheckpointFailed
 from elastic_ckpt import CheckpointManager, verify
 from elastic_ckpt.train import TrainJob, TrainSpec, build_gpt, lm_loss
 from elastic_ckpt.train.local import run_local_group
@@ -44,17 +45,17 @@ def test_a_full_disk_is_a_warning_and_saves_resume_once_space_frees(tmp_path, fu
     root, filler = full_disk
     events = []
 
-    def on_event(name, fields):
-        events.append((name, fields))
-        if name == "checkpoint_failed":
+    def on_event(event):
+        events.append(event)
+        if isinstance(event, CheckpointFailed):
             filler.unlink(missing_ok=True)  # the operator frees space
 
     job = _job(tmp_path, root)
     result = run_local_group(job, 1, on_event=on_event)
-    failed = [f for n, f in events if n == "checkpoint_failed"]
-    assert failed and failed[0]["step"] == 2, events
-    assert "ENOSPC" in failed[0]["error"] and "rank-00000.bin" in failed[0]["error"], failed
-    saved = [f["step"] for n, f in events if n == "checkpoint"]
+    failed = [e for e in events if isinstance(e, CheckpointFailed)]
+    assert failed and failed[0].step == 2, events
+    assert "ENOSPC" in failed[0].error and "rank-00000.bin" in failed[0].error, failed
+    saved = [e.step for e in events if isinstance(e, CheckpointCommitted)]
     assert saved[-1] == 12 and all(s > 2 for s in saved), saved
     assert result.final_step == 12 and result.checkpoint.step == 12
     latest = CheckpointManager(job.config.checkpoint.uri).latest()

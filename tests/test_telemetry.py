@@ -252,6 +252,7 @@ def test_coordinator_reports_every_checkpoint_and_failure(tmp_path):
     begins (also those that do not come through ``_on_failure``)."""
     from elastic_ckpt.coordinator import Coordinator, Failure, FailureKind, FailurePolicy
     from elastic_ckpt.coordinator.state import Recovering, Starting
+    from elastic_ckpt.train.events import CheckpointCommitted
 
     path = tmp_path / "metrics.jsonl"
     coordinator = types.SimpleNamespace(
@@ -260,9 +261,9 @@ def test_coordinator_reports_every_checkpoint_and_failure(tmp_path):
         _progress_failures=[], _note_released=lambda workers: None,
         group=types.SimpleNamespace(keep_survivors=lambda timeout_s: [], workers=[]),
         config=types.SimpleNamespace(failure=types.SimpleNamespace(survivor_timeout_s=0)))
-    fields = {"seconds": 0.5, "step": 4, "bytes": 1000}
-    Coordinator._on_rank_event(coordinator, 1, "checkpoint", fields, None)
-    Coordinator._on_rank_event(coordinator, 0, "checkpoint", fields, None)
+    committed = CheckpointCommitted(step=4, seconds=0.5, bytes=1000, is_async=True)
+    Coordinator._on_rank_event(coordinator, 1, committed, None)
+    Coordinator._on_rank_event(coordinator, 0, committed, None)
     state = Recovering(Failure(FailureKind.WORKER_DIED, "rank 1 died"),
                        ScalingEvent("failure", "rank 1 died", from_workers=2))
     assert isinstance(Coordinator._recovering(coordinator, state), Starting)

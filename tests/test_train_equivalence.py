@@ -188,9 +188,10 @@ def test_resize_during_an_in_flight_async_save_loses_nothing(tmp_path):
     seg_b = _segment(run_ranks(3, run_segments, [Segment(el_cfg)]), 0)
 
     for out in seg_a:  # step 3 was still persisting when the stop came at step 4
-        staged = [f["step"] for name, f in out["events"] if name == "checkpoint_staged"]
-        final = [f for name, f in out["events"] if name == "checkpoint" and f["step"] == 4]
-        assert staged == [1, 2, 3] and final and final[0]["async"] is False, out["events"]
+        staged = [f["step"] for name, f in out["events"] if name == "CheckpointStaged"]
+        final = [f for name, f in out["events"]
+                 if name == "CheckpointCommitted" and f["step"] == 4]
+        assert staged == [1, 2, 3] and final and final[0]["is_async"] is False, out["events"]
         assert final[0]["waited_s"] > 0.2, final  # the save in flight, committed first
         assert (out["final_step"], out["stopped"], out["checkpoint_step"]) == (4, True, 4)
     assert [(o["restored_step"], o["restored_from_world_size"]) for o in seg_b] == [(4, 2)] * 3

@@ -19,6 +19,7 @@ from elastic_ckpt.config import TrainConfig
 from elastic_ckpt.data import SyntheticLMDataset
 from elastic_ckpt.errors import ConfigError
 from elastic_ckpt.train import RankHooks, TrainJob, TrainSpec, default_model
+from elastic_ckpt.train.events import Restored
 
 
 def tiny_config(uri: str, *, max_steps: int = 12, global_batch_size: int = 17,
@@ -100,10 +101,12 @@ def run_segment(rank: int, world_size: int, seg: Segment) -> dict[str, Any]:
         built.append(model)  # fully_shard works in place: this is the trained module
         return model
 
-    def on_event(name: str, fields: dict[str, Any]) -> None:
-        events.append((name, {k: fields[k] for k in ("step", "async", "waited_s")
-                              if k in fields}))
-        if name == "restore":
+    def on_event(event: Any) -> None:
+        fields = dataclasses.asdict(event)
+        events.append((type(event).__name__, {k: fields[k] for k in ("step", "is_async",
+                                                                     "waited_s")
+                                              if k in fields}))
+        if isinstance(event, Restored):
             restored.update(fields)
             position["step"] = fields["step"]
 

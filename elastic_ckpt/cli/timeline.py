@@ -243,15 +243,15 @@ NESTED = {"save": "drain"}
 
 
 def phase_order(phases: Iterable[str]) -> list[str]:
-    """``events.PHASES`` order; names it does not know (a newer writer) go last, as given."""
-    from elastic_ckpt.coordinator.events import PHASES  # the coordinator package imports ray
+    """``Phase`` order; names it does not know (a newer writer) go last, as given."""
+    from elastic_ckpt.train.events import Phase  # noqa: PLC0415 - torch, only when drawing
 
-    names = list(phases)
-    return [p for p in PHASES if p in names] + [p for p in names if p not in PHASES]
+    names, order = list(phases), [p.value for p in Phase]
+    return [p for p in order if p in names] + [p for p in names if p not in order]
 
 
 def phase_spans(event: EventRecord, t0: float) -> list[Span]:
-    """The event's phases in ``events.PHASES`` order, each starting where the previous one
+    """The event's phases in ``Phase`` order, each starting where the previous one
     ended, the first at ``started_unix_s``; except ``detect``, which ends there (it is timed
     before the event is created), and ``save``, drawn as the tail of ``drain`` (which
     includes it) when the event has a drain."""

@@ -53,6 +53,15 @@ from elastic_ckpt.coordinator.worker_group import (
     WorkerGroup,
 )
 from elastic_ckpt.train import EvalMetrics, StepMetrics, TrainJob
+from elastic_ckpt.train.events import (
+    CheckpointCommitted,
+    CheckpointFailed,
+    FirstStep,
+    Phase,
+    RankEvent,
+    Rendezvous,
+    Restored,
+)
 
 POLL_INTERVAL_S = 0.1
 CLUSTER_POLL_INTERVAL_S = 0.5
@@ -200,13 +209,13 @@ class Coordinator:
         if size < kept:
             self._release(self._surplus(kept - size))
         self._released = {}
-        event.phases["placement"] = time.time() - t0
+        event.phases[Phase.PLACEMENT] = time.time() - t0
         self._pending.clear()
         self._next_seq.clear()
         try:
             t1 = time.time()
             started = self.group.start_placed()
-            event.phases["actors"] = time.time() - t1
+            event.phases[Phase.ACTORS] = time.time() - t1
             self.group.launch()
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
             self.group.shutdown()
@@ -250,7 +259,7 @@ class Coordinator:
             return Resizing(decision, ScalingEvent(
                 decision.reason, f"resize {self.group.size} -> {decision.num_workers}",
                 from_workers=self.group.size, at_step=self.last_step,
-                phases={"detect": time.time() - self._capacity[1]}))
+                phases={Phase.DETECT: time.time() - self._capacity[1]}))
         time.sleep(POLL_INTERVAL_S)
         return state
 
@@ -262,7 +271,7 @@ class Coordinator:
         poll = self.group.wait_stopped(
             stop_s if deadline is None else max(1.0, min(stop_s, deadline - time.time())))
         self._await_reports(poll, event, t0)
-        event.phases["drain"] = time.time() - t0
+        event.phases[Phase.DRAIN] = time.time() - t0
         if poll.failure is not None:
             return self._on_failure(poll.failure)
         if not poll.finished:
@@ -272,7 +281,7 @@ class Coordinator:
         event.at_step = self.last_step
         t1 = time.time()
         self._release([w for w in self.group.workers if w.node_id in self._drain_deadlines])
-        event.phases["teardown"] = time.time() - t1
+        event.phases[Phase.TEARDOWN] = time.time() - t1
         if self.last_step >= self.config.max_steps:
             return Finished()
         return Starting(event, target=state.decision.num_workers or None)
@@ -286,7 +295,7 @@ class Coordinator:
                 self.config.failure.survivor_timeout_s))
         else:  # a training error may have left a process unusable (a CUDA error): replace all
             self._release(list(self.group.workers))
-        event.phases["teardown"] = time.time() - t0
+        event.phases[Phase.TEARDOWN] = time.time() - t0
         decision = self.failure_policy.decide(failure, self.failures, previous)
         self._last_failure = failure
         if self.failure_policy.counts(failure):
@@ -314,7 +323,7 @@ class Coordinator:
     def _waiting(self, state: Waiting) -> State:
         capacity = self._observe_capacity(force=True)
         if self.scaling.start_size(capacity) is not None:
-            state.event.phases["wait_capacity"] = time.time() - state.since_s
+            state.event.phases[Phase.WAIT_CAPACITY] = time.time() - state.since_s
             return Starting(state.event)
         timeout = self.config.scaling.capacity_timeout_s
         if timeout is not None and time.time() - state.since_s > timeout:
@@ -353,7 +362,7 @@ class Coordinator:
             failure = dataclasses.replace(failure, kind=FailureKind.PREEMPTED)
         return Recovering(failure, ScalingEvent(
             "failure", failure.message, from_workers=self.group.size, at_step=self.last_step,
-            phases={"detect": time.time() - self._last_healthy}))
+            phases={Phase.DETECT: time.time() - self._last_healthy}))
 
     def _ingest(self, poll: GroupPoll, state: Running) -> Running:
         """Fold the ranks' reports into history, the ledger and the pending event's phases.
@@ -363,7 +372,7 @@ class Coordinator:
         event = state.event
         for rank, kind, payload in self._in_order():
             if kind == "event":
-                self._on_rank_event(rank, *payload, event)
+                self._on_rank_event(rank, payload, event)
             elif kind == "step":
                 self._on_step(rank, payload)
             elif kind == "eval" and rank == 0:
@@ -371,7 +380,7 @@ class Coordinator:
                 self.telemetry.eval(payload)
                 with self._lock:
                     self._progress_evals.append(payload)
-        if event is not None and "first_step" in event.phases:
+        if event is not None and Phase.FIRST_STEP in event.phases:
             event.resumed_step = self.restored_step
             self._resumed_s = time.time()
             self.timeline.complete(event)
@@ -409,35 +418,45 @@ class Coordinator:
             self._next_seq[rank] = seq
         return ready
 
-    def _on_rank_event(self, rank: int, name: str, fields: dict, event) -> None:
-        if name == "rendezvous" and event is not None and fields.get("groups_joined", 1) > 1:
+    def _on_rank_event(self, rank: int, report: RankEvent,
+                       event: ScalingEvent | None) -> None:
+        """A rank's typed event: into the run record, the telemetry, and the phases and
+        details of the scaling event it completes (rank 0's, but every rank's rendezvous)."""
+        if isinstance(report, Rendezvous) and event is not None and report.groups_joined > 1:
             # the rank's own word that its process trained in an earlier group
             event.details["processes_reused"] = event.details.get("processes_reused", 0) + 1
         if rank != 0:
             return
-        if name == "restore":
-            self._on_restore(int(fields["step"]))
-        if name == "checkpoint":  # every committed save, pending event or not
-            self.telemetry.checkpoint(int(fields["step"]), fields["seconds"], fields["bytes"])
-        if name == "checkpoint_failed":  # a background save: a warning, training goes on
-            self.telemetry.failure("checkpoint_save", int(fields["step"]), fields["error"])
+        if isinstance(report, Restored):
+            self._on_restore(report.step)
+        if isinstance(report, CheckpointCommitted):  # every committed save, event or not
+            self.telemetry.checkpoint(report.step, report.seconds, report.bytes)
+        if isinstance(report, CheckpointFailed):  # a background save: training goes on
+            self.telemetry.failure("checkpoint_save", report.step, report.error)
             with self._lock:
                 self._progress_failures.append(FailureNotice(
-                    "checkpoint_save", fields["error"], int(fields["step"]), True))
+                    "checkpoint_save", report.error, report.step, True))
         if event is None:
             return
-        key = {"restore": "load", "rendezvous": "rendezvous", "first_step": "first_step"}
-        if name in key:
-            event.phases[key[name]] = fields["seconds"]
-        if name == "restore":
-            event.phases["build"] = fields["build_seconds"]
-            event.skipped_checkpoints = list(fields.get("skipped", ()))
-            event.warnings = list(fields.get("warnings", ()))
-            event.details.update({k: fields[k] for k in (
-                "fsdp_units", "init_from", "init_bytes_read", "model_bytes", "from_peers_bytes",
-                "from_storage_bytes") if k in fields})
-        if name == "checkpoint" and event.kind != "start" and not fields.get("async"):
-            event.phases["save"] = fields["seconds"]  # the stop save, its wait included
+        if isinstance(report, Rendezvous):
+            event.phases[Phase.RENDEZVOUS] = report.seconds
+        if isinstance(report, FirstStep):
+            event.phases[Phase.FIRST_STEP] = report.seconds
+        if isinstance(report, Restored):
+            event.phases[Phase.LOAD] = report.seconds
+            event.phases[Phase.BUILD] = report.build_seconds
+            event.skipped_checkpoints = list(report.skipped)
+            event.warnings = list(report.warnings)
+            event.details.update(fsdp_units=report.fsdp_units,
+                                 from_peers_bytes=report.from_peers_bytes,
+                                 from_storage_bytes=report.from_storage_bytes)
+            if report.init_from is not None:
+                event.details.update(init_from=report.init_from,
+                                     init_bytes_read=report.init_bytes_read,
+                                     model_bytes=report.model_bytes)
+        if isinstance(report, CheckpointCommitted) and event.kind != "start" \
+                and not report.is_async:
+            event.phases[Phase.SAVE] = report.seconds  # the stop save, its wait included
 
     def _on_step(self, rank: int, m: StepMetrics) -> None:
         if self.record_samples:

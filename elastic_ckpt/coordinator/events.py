@@ -9,9 +9,10 @@ import os
 import time
 from typing import Any, Literal
 
+from elastic_ckpt.train.events import Phase
+
 EventKind = Literal["start", "scale_up", "drain", "failure"]
-PHASES = ("detect", "drain", "save", "teardown", "wait_capacity", "placement", "actors",
-          "rendezvous", "build", "load", "first_step")
+PHASES = tuple(p.value for p in Phase)
 """Phase names, in order: ``detect`` (event to decision; for crashes, last healthy poll to
 detection), ``drain`` (stop request until every rank stopped, ``save`` included), ``save``
 (the stop checkpoint), ``teardown`` (kill actors, free bundles), ``wait_capacity``,
@@ -35,6 +36,7 @@ class ScalingEvent:
     resumed_step: int | None = None
     """Step the new group restored from (its checkpoint)."""
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Seconds per ``Phase`` (keys are ``Phase`` members, equal to their names)."""
     total_s: float | None = None
     skipped_checkpoints: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """``{"step", "error"}`` of each corrupt checkpoint the restore skipped (and marked

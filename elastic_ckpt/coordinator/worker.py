@@ -25,6 +25,7 @@ from elastic_ckpt.errors import ElasticCkptError, RankError
 from elastic_ckpt.storage import Storage
 from elastic_ckpt.train import RankHooks, RankResult, RankSpec, TrainJob
 from elastic_ckpt.train.distributed import process_group
+from elastic_ckpt.train.events import Rendezvous
 from elastic_ckpt.train.loop import warm_up
 from elastic_ckpt.train.storage_check import check_shared_storage
 
@@ -87,10 +88,9 @@ class TrainWorker:
         hooks = RankHooks(should_stop=lambda: generation in self._stops,
                           on_step=lambda m: report("step", m),
                           on_eval=lambda m: report("eval", m),
-                          on_event=lambda name, fields: report("event", (name, fields)))
+                          on_event=lambda event: report("event", event))
         with process_group(spec):
-            report("event", ("rendezvous", {"seconds": time.perf_counter() - started,
-                                            "pid": os.getpid(), "groups_joined": joined}))
+            report("event", Rendezvous(time.perf_counter() - started, os.getpid(), joined))
             check_shared_storage(self.job.config.checkpoint.uri, spec.node or self.node_id())
             trainer = self.job.trainer(hooks, spec.device, held=self._held)
             self._held = None

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from elastic_ckpt.config import ModelConfig, TrainConfig
+from elastic_ckpt.train.events import RankEvent
 
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 """``loss_fn(model, batch)`` -> the mean loss over the micro-batch (a 0-dim tensor), or
@@ -64,7 +65,8 @@ class RankHooks:
 
     should_stop: Callable[[], bool] = lambda: False
     on_step: Callable[[StepMetrics], None] = lambda metrics: None
-    on_event: Callable[[str, dict[str, Any]], None] = lambda name, fields: None
+    on_event: Callable[[RankEvent], None] = lambda event: None
+    """Each ``train.events`` record the rank produces (restore, first step, checkpoints)."""
     on_eval: Callable[[EvalMetrics], None] = lambda metrics: None
 
 

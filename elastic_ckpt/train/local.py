@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from elastic_ckpt.train.distributed import RankSpec, process_group
+from elastic_ckpt.train.events import RankEvent
 from elastic_ckpt.train.loop import RankHooks, RankResult, StepMetrics, TrainJob
 
 
@@ -31,7 +32,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def run_local_group(job: TrainJob, world_size: int,
                     on_step: Callable[[StepMetrics], None] = lambda m: None,
-                    on_event: Callable[[str, dict], None] = lambda n, f: None,
+                    on_event: Callable[[RankEvent], None] = lambda event: None,
                     use_gpu: bool = False, stop_after_steps: int | None = None) -> RankResult:
     """Train ``job`` on ``world_size`` local ranks; returns rank 0's result. With
     ``stop_after_steps`` the group stops (with a checkpoint) after that many steps. Raises
@@ -61,7 +62,7 @@ def run_local_group(job: TrainJob, world_size: int,
             if kind == "step":
                 on_step(payload)
             elif kind == "event":
-                on_event(*payload)
+                on_event(payload)
             elif kind == "done":
                 rank, res = payload
                 result = pickle.loads(res) if rank == 0 else result
@@ -93,8 +94,7 @@ def _rank_main(job: TrainJob, stop_after: int | None, spec: RankSpec, events) ->
                 return stop_after is not None and steps[0] + 1 >= stop_after
 
             hooks = RankHooks(should_stop=should_stop, on_step=on_step,
-                              on_event=lambda n, f: spec.rank == 0 and events.put(("event",
-                                                                                   (n, f))))
+                              on_event=lambda e: spec.rank == 0 and events.put(("event", e)))
             result = job.trainer(hooks, spec.device).run()
         events.put(("done", (spec.rank, pickle.dumps(result))))
     except BaseException as exc:  # report to the parent, which tears the group down

@@ -32,6 +32,13 @@ from elastic_ckpt.train.accumulate import WeightedSums, agree_on_names, split_lo
 from elastic_ckpt.train.batch import count_tokens, load_batch
 from elastic_ckpt.train.distributed import device_mesh
 from elastic_ckpt.train.evaluate import evaluate
+from elastic_ckpt.train.events import (
+    CheckpointCommitted,
+    CheckpointFailed,
+    CheckpointStaged,
+    FirstStep,
+    Restored,
+)
 from elastic_ckpt.train.init import materialize
 from elastic_ckpt.train.job import (
     RankHooks,
@@ -224,14 +231,14 @@ class RankTrainer:
         restored = None if info is None else step
         self.restored_step = step
         self.last_committed = info
-        self.hooks.on_event("restore", {
-            "seconds": time.perf_counter() - t0, "step": step,
-            "from_world_size": None if info is None else info.world_size,
-            "build_seconds": t0 - started, "fsdp_units": fsdp_units(model),
-            "skipped": [{"step": s, "error": e} for s, e in self.ckpt.last_skipped],
-            "from_peers_bytes": self.ckpt.last_read_stats.bytes_from_peers,
-            "from_storage_bytes": self.ckpt.last_read_stats.bytes_read,
-            "warnings": list(self.restore_warnings), **pretrained})
+        read = self.ckpt.last_read_stats
+        self.hooks.on_event(Restored(
+            seconds=time.perf_counter() - t0, step=step, build_seconds=t0 - started,
+            from_world_size=None if info is None else info.world_size,
+            fsdp_units=fsdp_units(model),
+            skipped=[{"step": s, "error": e} for s, e in self.ckpt.last_skipped],
+            warnings=list(self.restore_warnings), from_peers_bytes=read.bytes_from_peers,
+            from_storage_bytes=read.bytes_read if info is not None else 0, **pretrained))
         record = self._model_record(model)
         tokens_seen = int(trainer_state.get("tokens_seen", 0))
         stopped = False
@@ -241,9 +248,8 @@ class RankTrainer:
             step += 1
             tokens_seen += metrics.tokens
             if step == (restored or 0) + 1:
-                self.hooks.on_event("first_step", {"seconds": metrics.step_time_s,
-                                                   "since_start_s": time.perf_counter() - started,
-                                                   "step": step})
+                self.hooks.on_event(FirstStep(metrics.step_time_s,
+                                              time.perf_counter() - started, step))
             self.hooks.on_step(metrics)
             self._collect_save(block=False)
             # Save before evaluating: a stop request (a drain deadline) must not wait for an
@@ -305,15 +311,15 @@ class RankTrainer:
         if self.config.checkpoint.async_save and not final:
             handle = self._in_flight = self.ckpt.async_save(
                 step, state, overlap_staging=self.config.checkpoint.overlap_staging)
-            self.hooks.on_event("checkpoint_staged", {
-                "step": step, "seconds": time.perf_counter() - t0, "waited_s": waited,
-                "staged_s": handle.staged_s, "staging_bytes": self.ckpt.staging_bytes})
+            self.hooks.on_event(CheckpointStaged(
+                step=step, seconds=time.perf_counter() - t0, waited_s=waited,
+                staged_s=handle.staged_s, staging_bytes=self.ckpt.staging_bytes))
             return
         info = self.ckpt.save(step, state, hold=hold)
         self.last_committed, self._failed_saves = info, 0
-        self.hooks.on_event("checkpoint", {"seconds": time.perf_counter() - t0, "step": step,
-                                           "bytes": info.total_bytes, "async": False,
-                                           "waited_s": waited})
+        self.hooks.on_event(CheckpointCommitted(
+            step=step, seconds=time.perf_counter() - t0, bytes=info.total_bytes,
+            is_async=False, waited_s=waited))
 
     def _collect_save(self, block: bool) -> float:
         """Report the async save in flight once it has landed (``block``: wait for it). A
@@ -336,8 +342,7 @@ class RankTrainer:
             if self.rank == 0:
                 log.warning("checkpoint of step %d failed (%d in a row, limit %d); training "
                             "continues: %s", step, self._failed_saves, limit, exc)
-            self.hooks.on_event("checkpoint_failed", {
-                "step": step, "error": str(exc), "failed_in_a_row": self._failed_saves})
+            self.hooks.on_event(CheckpointFailed(step, str(exc), self._failed_saves))
             if self._failed_saves >= limit:
                 raise CheckpointSavesFailedError(
                     f"{self._failed_saves} checkpoint saves in a row failed "
@@ -346,10 +351,10 @@ class RankTrainer:
                     "re-run: it resumes from there.", step=step, path=last) from None
             return time.perf_counter() - t0
         self._in_flight, self.last_committed, self._failed_saves = None, info, 0
-        self.hooks.on_event("checkpoint", {
-            "seconds": handle.staged_s + handle.persist_s, "step": step,
-            "bytes": info.total_bytes, "async": True, "stall_s": handle.stall_s,
-            "persist_s": handle.persist_s, "staging_bytes": self.ckpt.staging_bytes})
+        self.hooks.on_event(CheckpointCommitted(
+            step=step, seconds=handle.staged_s + handle.persist_s, bytes=info.total_bytes,
+            is_async=True, stall_s=handle.stall_s, persist_s=handle.persist_s,
+            staging_bytes=self.ckpt.staging_bytes))
         return time.perf_counter() - t0
 
     def _train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
