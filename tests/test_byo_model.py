@@ -60,7 +60,9 @@ def _resize_2_3_1(tmp_path, make_cfg, spec: TrainSpec, steps: int = 9, dataset=N
 
 # -- HF Llama through 2 -> 3 -> 1 with the user's optimizer and scheduler ----------------------
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("optimizer", ["adamw_two_groups_onecycle", "sgd_momentum_steplr"])
+@pytest.mark.parametrize("optimizer", [
+    pytest.param("adamw_two_groups_onecycle", marks=pytest.mark.slow),  # 25 s each
+    "sgd_momentum_steplr"])
 def test_hf_llama_resize_matches_fixed_world_size(tmp_path, optimizer):
     steps = 9
     if optimizer == "adamw_two_groups_onecycle":

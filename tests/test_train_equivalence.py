@@ -230,6 +230,7 @@ SAVE_AT, RESUME_STEPS = 2, 2
 WORLD_SIZES = (1, 2, 3, 4)
 
 
+@pytest.mark.slow  # 53 s; the default suite resumes across sizes in the tests around it
 @pytest.mark.timeout(300)
 def test_resume_at_any_world_size_from_any_world_size(tmp_path):
     def cfg(name: str):
