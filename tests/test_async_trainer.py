@@ -10,7 +10,7 @@ import pytest
 from mounts import tmpfs
 from ray_jobs import dataset, tiny_config
 
-from elastic_ckpt.train.events import CheckpointCommitted, CheckpointFailed
+from elastic_ckpt.train.events import CheckpointCommitted, CheckpointFailed, CheckpointStaged
 from elastic_ckpt import CheckpointManager, verify
 from elastic_ckpt.train import TrainJob, TrainSpec, build_gpt, lm_loss
 from elastic_ckpt.train.local import run_local_group
@@ -61,8 +61,8 @@ def test_a_full_disk_is_a_warning_and_saves_resume_once_space_frees(tmp_path, fu
     latest = CheckpointManager(job.config.checkpoint.uri).latest()
     assert latest.step == 12
     verify(latest.uri)
-    staged = [f for n, f in events if n == "checkpoint_staged"]
-    assert staged and len({f["staging_bytes"] for f in staged[1:]}) == 1  # no growth
+    staged = [e for e in events if isinstance(e, CheckpointStaged)]
+    assert staged and len({e.staging_bytes for e in staged[1:]}) == 1  # no growth
 
 
 def test_max_failed_saves_in_a_row_end_the_run_naming_the_cause(tmp_path, full_disk):

@@ -269,3 +269,19 @@ def test_policies_are_injectable_and_the_coordinator_asks_them(tmp_path):
         coordinator.telemetry.close()
     assert isinstance(out, Failed) and "rank 1 died" in out.error
     assert NeverRetry.asked == [(FailureKind.WORKER_DIED, 0)]
+
+
+def test_the_inbox_hands_out_each_ranks_reports_in_order_and_only_of_this_group():
+    from elastic_ckpt.coordinator.inbox import ReportInbox
+
+    inbox = ReportInbox()
+    inbox.put(1, 0, 1, "step", "r0 second")  # arrived before its predecessor
+    inbox.put(1, 1, 0, "step", "r1 first")
+    inbox.put(0, 0, 0, "step", "an old group's")  # a torn-down group: dropped
+    assert inbox.take(1) == [(1, "step", "r1 first")]
+    inbox.put(1, 0, 0, "event", "r0 first")
+    assert inbox.take(1) == [(0, "event", "r0 first"), (0, "step", "r0 second")]
+    assert (inbox.received(0), inbox.received(1), inbox.received(2)) == (2, 1, 0)
+    inbox.reset()  # the next group counts from 0
+    inbox.put(2, 0, 0, "step", "new group")
+    assert inbox.take(2) == [(0, "step", "new group")] and inbox.received(0) == 1

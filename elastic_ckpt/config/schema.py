@@ -53,6 +53,9 @@ class ScalingConfig(_Section):
     actor_start_timeout_s: float = Field(180.0, gt=0)
     """How long a new worker process may take to start (imports, dataset) before the start
     counts as a failure."""
+    process_group_timeout_s: float = Field(600.0, gt=0)
+    """Timeout of the training process group's collectives: a rank that stops answering
+    (hung, not dead) fails its peers' collectives after this long."""
     stop_timeout_s: float = Field(600.0, gt=0)
     """How long the ranks may take to stop at a step boundary and commit their checkpoint
     for a resize (a drain's own deadline wins when it is sooner)."""

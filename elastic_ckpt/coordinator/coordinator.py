@@ -7,7 +7,6 @@ between the processes of the new group (``checkpoint.peer``)."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import threading
@@ -22,6 +21,7 @@ from elastic_ckpt.checkpoint.manager import latest_or_reason
 from elastic_ckpt.config import TrainConfig
 from elastic_ckpt.coordinator.cluster import ClusterView
 from elastic_ckpt.coordinator.events import FailureNotice, ScalingEvent, Timeline
+from elastic_ckpt.coordinator.inbox import ReportInbox
 from elastic_ckpt.coordinator.policy import (
     Failure,
     FailureDecision,
@@ -106,7 +106,8 @@ class Coordinator:
         self.cluster = cluster or ClusterView()
         self.group = WorkerGroup(job, s.bundle, s.placement_strategy, s.use_gpu,
                                  sink=_current_actor(),
-                                 actor_start_timeout_s=s.actor_start_timeout_s)
+                                 actor_start_timeout_s=s.actor_start_timeout_s,
+                                 process_group_timeout_s=s.process_group_timeout_s)
         self.timeline = Timeline(os.path.join(config.run_dir, "events.jsonl")
                                  if config.run_dir else None)
         self.telemetry = RunTelemetry.from_config(config)
@@ -126,9 +127,7 @@ class Coordinator:
         self._progress: list[StepMetrics] = []
         self._progress_events: list[ScalingEvent] = []
         self._progress_evals: list[EvalMetrics] = []
-        self._inbox: collections.deque[tuple[int, int, int, str, Any]] = collections.deque()
-        self._pending: dict[tuple[int, int], tuple[str, Any]] = {}  # (rank, seq) -> report
-        self._next_seq: dict[int, int] = {}
+        self.inbox = ReportInbox()
         self._last_healthy = time.time()
         self._resumed_s: float | None = None  # when the current group made its first step
         self._last_failure: Failure | None = None
@@ -165,7 +164,7 @@ class Coordinator:
 
     def report(self, generation: int, rank: int, seq: int, kind: str, payload: Any) -> None:
         """Called by the ranks (fire-and-forget) after every step and event."""
-        self._inbox.append((generation, rank, seq, kind, payload))
+        self.inbox.put(generation, rank, seq, kind, payload)
 
     def progress(self) -> Progress:
         """Steps, evals and completed events since the previous call (for the driver)."""
@@ -210,8 +209,7 @@ class Coordinator:
             self._release(self._surplus(kept - size))
         self._released = {}
         event.phases[Phase.PLACEMENT] = time.time() - t0
-        self._pending.clear()
-        self._next_seq.clear()
+        self.inbox.reset()
         try:
             t1 = time.time()
             started = self.group.start_placed()
@@ -370,7 +368,7 @@ class Coordinator:
         if poll.failure is None:
             self._last_healthy = time.time()
         event = state.event
-        for rank, kind, payload in self._in_order():
+        for rank, kind, payload in self.inbox.take(self.group.generation):
             if kind == "event":
                 self._on_rank_event(rank, payload, event)
             elif kind == "step":
@@ -398,25 +396,9 @@ class Coordinator:
             self._ingest(poll, Running(event, t0))  # the stop checkpoint -> phases["save"]
             sent = self.group.reports_sent
             if time.time() > deadline or all(
-                    self._next_seq.get(rank, 0) >= n for rank, n in enumerate(sent)):
+                    self.inbox.received(rank) >= n for rank, n in enumerate(sent)):
                 return
             time.sleep(0.01)
-
-    def _in_order(self) -> list[tuple[int, str, Any]]:
-        """Reports of the current group, each rank's in the order it sent them; a report
-        whose predecessor has not arrived yet waits for the next poll."""
-        while self._inbox:
-            generation, rank, seq, kind, payload = self._inbox.popleft()
-            if generation == self.group.generation:
-                self._pending[(rank, seq)] = (kind, payload)
-        ready = []
-        for rank in sorted({r for r, _ in self._pending}):
-            seq = self._next_seq.get(rank, 0)
-            while (rank, seq) in self._pending:
-                ready.append((rank, *self._pending.pop((rank, seq))))
-                seq += 1
-            self._next_seq[rank] = seq
-        return ready
 
     def _on_rank_event(self, rank: int, report: RankEvent,
                        event: ScalingEvent | None) -> None:

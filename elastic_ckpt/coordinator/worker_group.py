@@ -73,8 +73,8 @@ class GroupPoll:
 
 class WorkerGroup:
     def __init__(self, job: TrainJob, bundle: dict[str, float], strategy: str,
-                 use_gpu: bool, sink: Any = None, *, actor_start_timeout_s: float = 180.0
-                 ) -> None:
+                 use_gpu: bool, sink: Any = None, *, actor_start_timeout_s: float = 180.0,
+                 process_group_timeout_s: float = 600.0) -> None:
         self.job = job
         self.sink = sink
         """Actor handle that receives the ranks' reports (``report(generation, rank, ...)``)."""
@@ -83,6 +83,7 @@ class WorkerGroup:
         self.strategy = strategy
         self.use_gpu = use_gpu
         self.actor_start_timeout_s = actor_start_timeout_s
+        self.process_group_timeout_s = process_group_timeout_s
         self.workers: list[Worker] = []
         """The members, in rank order once launched (kept workers first)."""
         self.spares: list[Worker] = []
@@ -239,6 +240,7 @@ class WorkerGroup:
         self.run_refs = [
             w.actor.run.remote(RankSpec(rank=r, world_size=n, master_addr=addr,
                                         master_port=port, use_gpu=self.use_gpu,
+                                        timeout_s=self.process_group_timeout_s,
                                         node=w.node_id), self.generation, self.sink)
             for r, w in enumerate(self.workers)
         ]
