@@ -249,8 +249,10 @@ def test_two_ranks(tmp_path) -> None:
         cm.assert_same(out[step], state, f"step {step}")
 
 
-def rank_dies_in_background(rank: int, world_size: int, root: str) -> str | None:
-    mgr = CheckpointManager(root, keep_last=None, persist_timeout_s=3)
+def rank_1_dies_in_the_second_save(rank: int, root: str, persist_timeout_s: float):
+    """Step 1 committed (its full state in ``expected.pt``); then an async save of step 2 in
+    which rank 1 exits before its data is durable. Returns ``(manager, handle)``."""
+    mgr = CheckpointManager(root, keep_last=None, persist_timeout_s=persist_timeout_s)
     model, opt = trained(1)
     expected = cm.full_state(model, opt)
     mgr.save(1, state_of(model, opt, 1))
@@ -262,7 +264,11 @@ def rank_dies_in_background(rank: int, world_size: int, root: str) -> str | None
 
         storage_fs._LocalWriter.sync = sync
     bump(model)
-    handle = mgr.async_save(2, state_of(model, opt, 2))
+    return mgr, mgr.async_save(2, state_of(model, opt, 2))
+
+
+def rank_dies_in_background(rank: int, world_size: int, root: str) -> str | None:
+    _, handle = rank_1_dies_in_the_second_save(rank, root, persist_timeout_s=3)
     try:
         handle.result(timeout=60)
     except CheckpointSaveError as exc:
@@ -283,20 +289,10 @@ def test_two_ranks_one_dies_before_its_data_is_durable(tmp_path) -> None:
     cm.assert_same(torch.load(Path(root) / "expected.pt"), load_full(root)[0])
 
 
-
 def rank_dies_then_survivor_abandons(rank: int, world_size: int, root: str) -> dict[str, Any]:
     """Rank 1 dies before its data is durable; rank 0 (the committer) closes its manager with
     ``abandon=True`` instead of waiting out the 60 s persist timeout."""
-    mgr = CheckpointManager(root, keep_last=None, persist_timeout_s=60)
-    model, opt = trained(1)
-    mgr.save(1, state_of(model, opt, 1))
-    if rank == 1:
-        def sync(self) -> None:
-            os._exit(1)
-
-        storage_fs._LocalWriter.sync = sync
-    bump(model)
-    handle = mgr.async_save(2, state_of(model, opt, 2))
+    mgr, handle = rank_1_dies_in_the_second_save(rank, root, persist_timeout_s=60)
     time.sleep(1.0)  # rank 1 is gone; rank 0 waits for its marker
     t0 = time.monotonic()
     mgr.close(abandon=True)
