@@ -34,14 +34,21 @@ def sum_over_ranks(values: list[int], group: dist.ProcessGroup | None) -> list[i
     return [int(v) for v in flags.tolist()]
 
 
+def gather_objects(value: Any, group: dist.ProcessGroup | None) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), by rank."""
+    if not dist.is_initialized() or group_size(group) == 1:
+        return [value]
+    gathered: list[Any] = [None] * group_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
 def first_failure(failure: BaseException | None,
                   group: dist.ProcessGroup | None) -> BaseException | None:
     """The lowest rank's failure (as it raised it, rank named), or None."""
     if not dist.is_initialized() or group_size(group) == 1:
         return failure
-    gathered: list[Any] = [None] * group_size(group)
-    dist.all_gather_object(gathered, failure, group=group)
-    for rank, exc in enumerate(gathered):
+    for rank, exc in enumerate(gather_objects(failure, group)):
         if exc is None:
             continue
         if rank == group_rank(group):

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
+from elastic_ckpt.checkpoint.collectives import gather_objects
 from elastic_ckpt.checkpoint.reader import ShardReader
 
 ChunkKey = tuple[str, tuple[int, ...]]
@@ -40,10 +41,6 @@ class HeldShards:
     rank: int
     chunks: dict[ChunkKey, torch.Tensor]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.chunks.values())
-
 
 def holders(held: HeldShards | None, uri: str, group: dist.ProcessGroup | None
             ) -> dict[int, int]:
@@ -52,9 +49,8 @@ def holders(held: HeldShards | None, uri: str, group: dist.ProcessGroup | None
     if not dist.is_initialized():
         return {}
     mine = held.rank if held is not None and held.uri == uri else None
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    return {writer: member for member, writer in enumerate(everyone) if writer is not None}
+    return {writer: member for member, writer in enumerate(gather_objects(mine, group))
+            if writer is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +103,7 @@ class PeerShardReader(ShardReader):
                                                                  _Request]]]) -> None:
         group = self.process_group
         requests = {member: [r for _, _, r in items] for member, items in wanted.items()}
-        everyone: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, requests, group=group)
+        everyone = gather_objects(requests, group)
         ops, receives = [], []
         for peer, theirs in enumerate(everyone):
             asked = theirs.get(me, [])

@@ -350,9 +350,9 @@ class Coordinator:
     def _surplus(self, n: int) -> list[Worker]:
         """The ``n`` workers a shrink removes: those on draining nodes first, then the last
         ranks (rank 0's process stays where it is)."""
-        order = sorted(self.group.workers, key=lambda w: (w.node_id not in self._drain_deadlines,
-                                                          -self.group.workers.index(w)))
-        return order[:n]
+        order = sorted(enumerate(self.group.workers),
+                       key=lambda rw: (rw[1].node_id not in self._drain_deadlines, -rw[0]))
+        return [w for _, w in order[:n]]
 
     def _on_failure(self, failure: Failure) -> State:
         if failure.kind in (FailureKind.WORKER_DIED, FailureKind.NODE_DIED) and \

@@ -9,7 +9,6 @@ torch, the user's code and the dataset are already loaded.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
 import socket
@@ -22,7 +21,6 @@ import ray
 import torch
 
 from elastic_ckpt.errors import ElasticCkptError, RankError
-from elastic_ckpt.storage import Storage
 from elastic_ckpt.train import RankHooks, RankResult, RankSpec, TrainJob
 from elastic_ckpt.train.distributed import process_group
 from elastic_ckpt.train.events import Rendezvous
@@ -45,16 +43,14 @@ class TrainWorker:
         torch.set_num_threads(max(1, int(cpus)))
 
     def warm_up(self) -> tuple[str, int, float]:
-        """What a new rank would otherwise do on the resize's critical path: import the
-        checkpoint code, resolve the checkpoint root's filesystem, open the dataset (its first
-        sample), and build and shard the model once on meta (``train.loop.warm_up``).
-        Returns ``identity()`` and the seconds it took."""
+        """What a new rank would otherwise do on the resize's critical path: open the
+        dataset (its first sample), then ``train.loop.warm_up``: a rank's trainer (its
+        checkpoint manager resolves the checkpoint root's filesystem) and the model built and
+        sharded once on meta. Returns ``identity()`` and the seconds it took."""
         t0 = time.perf_counter()
-        importlib.import_module("torch.distributed.checkpoint")
-        Storage(self.job.config.checkpoint.uri)
         if len(self.job.dataset):
             self.job.dataset[0]
-        warm_up(self.job)  # the model built and sharded on meta, once
+        warm_up(self.job)
         return (*self.identity(), time.perf_counter() - t0)
 
     def identity(self) -> tuple[str, int]:

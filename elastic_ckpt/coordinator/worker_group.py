@@ -50,8 +50,6 @@ class Worker:
     pg: Any
     node_id: str = ""
     pid: int = 0
-    groups: int = 0
-    """Groups this process has been launched in (1: started for the current one)."""
     warm_up: Any = None
     """A spare's pending ``warm_up`` call (None once it is ready)."""
     started_s: float = 0.0
@@ -201,16 +199,14 @@ class WorkerGroup:
     def adopt_spares(self, n: int) -> list[Worker]:
         """Make up to ``n`` ready spares members (the next ranks); returns them."""
         ready = [w for w in self.spares if w.warm_up is None][:n]
-        ids = {id(w) for w in ready}
-        self.spares = [w for w in self.spares if id(w) not in ids]
+        self.spares = _without(self.spares, ready)
         self.workers.extend(ready)
         return ready
 
     def release_spares(self, spares: list[Worker] | None = None) -> None:
         spares = list(self.spares) if spares is None else spares
         _kill(spares)
-        ids = {id(w) for w in spares}
-        self.spares = [w for w in self.spares if id(w) not in ids]
+        self.spares = _without(self.spares, spares)
 
     def _create_placed(self) -> list[Worker]:
         cls = ray.remote(TrainWorker)
@@ -235,8 +231,6 @@ class WorkerGroup:
         self._results = [None] * n
         self._reports_sent = [0] * n
         self.generation += 1
-        for worker in self.workers:
-            worker.groups += 1
         self.run_refs = [
             w.actor.run.remote(RankSpec(rank=r, world_size=n, master_addr=addr,
                                         master_port=port, use_gpu=self.use_gpu,
@@ -305,8 +299,7 @@ class WorkerGroup:
     def release(self, workers: list[Worker]) -> None:
         """Kill these workers at once (never wait on a collective) and free their bundles."""
         _kill(workers)
-        ids = {id(w) for w in workers}
-        self.workers = [w for w in self.workers if id(w) not in ids]
+        self.workers = _without(self.workers, workers)
         self.run_refs, self._results, self._reports_sent = [], [], []
 
     def shutdown(self) -> None:
@@ -341,6 +334,12 @@ def _alive_nodes(ours: list[str]) -> set[str]:
 
 def _node_of(pg: Any) -> str:
     return placement_group_table(pg).get("bundles_to_node_id", {}).get(0, "")
+
+
+def _without(workers: list[Worker], removed: list[Worker]) -> list[Worker]:
+    """``workers`` minus ``removed``, by identity (two workers may hold equal fields)."""
+    ids = {id(w) for w in removed}
+    return [w for w in workers if id(w) not in ids]
 
 
 def _kill(workers: list[Worker]) -> None:

@@ -238,7 +238,7 @@ class RankTrainer:
             fsdp_units=fsdp_units(model),
             skipped=[{"step": s, "error": e} for s, e in self.ckpt.last_skipped],
             warnings=list(self.restore_warnings), from_peers_bytes=read.bytes_from_peers,
-            from_storage_bytes=read.bytes_read if info is not None else 0, **pretrained))
+            from_storage_bytes=read.bytes_read, **pretrained))
         record = self._model_record(model)
         tokens_seen = int(trainer_state.get("tokens_seen", 0))
         stopped = False
