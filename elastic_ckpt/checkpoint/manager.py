@@ -15,6 +15,7 @@ in the manifest (``CheckpointInfo.extra``; dicts passed to ``load`` are also upd
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import threading
@@ -44,6 +45,7 @@ from elastic_ckpt.checkpoint.manifest import (
     encode_json_value,
     step_dirname,
 )
+from elastic_ckpt.checkpoint.memory_tier import Choice, MemoryTier, SnapshotStats
 from elastic_ckpt.checkpoint.peer import HeldShards, PeerShardReader, holders
 from elastic_ckpt.checkpoint.plan_cache import PlanCache, stage_with_cached_plan
 from elastic_ckpt.checkpoint.planners import JsonLoadPlanner, JsonSavePlanner
@@ -127,6 +129,8 @@ class CheckpointManager:
         self._abandon = threading.Event()  # set by close(abandon=True)
         self.held: HeldShards | None = None
         """What the last ``save(..., hold=True)`` wrote from this rank (see ``load``)."""
+        self.last_from_memory = False
+        """Whether the last ``load`` restored a peer-memory snapshot (``memory=``)."""
 
     @property
     def staging_bytes(self) -> int:
@@ -338,8 +342,18 @@ class CheckpointManager:
                               created_unix_s=time.time(), num_tensors=num_tensors,
                               extra=decode_json_value(extra))
 
+    def snapshot(self, step: int, state: dict[str, Any], tier: MemoryTier) -> SnapshotStats:
+        """Collective: snapshot ``state`` as step ``step`` into the peer-memory ``tier``
+        (host memory, replicated on another node; ``elastic_ckpt.checkpoint.memory_tier``).
+        Nothing is written to storage; ``load(..., memory=tier)`` restores it."""
+        self._check_step(step)
+        self.wait_staged()  # (an async save's deferred copies read the same tensors)
+        dcp_state, extra = _split_state(state)
+        return tier.take(step, dcp_state, extra, self.process_group)
+
     def load(self, state: dict[str, Any], step: int | None = None, *,
-             fallback: bool = False, held: HeldShards | None = None) -> CheckpointInfo:
+             fallback: bool = False, held: HeldShards | None = None,
+             memory: MemoryTier | None = None) -> CheckpointInfo:
         """Load checkpoint ``step`` (default: the latest committed) into ``state`` in place,
         re-sharding to the current world size. Collective.
 
@@ -355,13 +369,23 @@ class CheckpointManager:
         ``save(..., hold=True)``, possibly in another group). When the checkpoint loaded is
         that one, every chunk whose writer is a member of this group comes from the member's
         memory over the process group, the rest from storage (``last_read_stats``).
+
+        ``memory`` (every rank passes its ``MemoryTier``, or none does): when the members hold
+        between them every writer's piece of a snapshot newer than the latest committed
+        checkpoint, that snapshot is loaded from their memory instead, re-sharded to this
+        group (``CheckpointInfo.uri`` is then ``memory:<group>/step-N``); ``last_from_memory``
+        says which it was.
         """
         self.wait_staged()
         self.last_skipped = []
+        self.last_from_memory = False
         if step is not None:
             return self._load_step(state, step, held)
         committed, _ = self.catalog.scan() if self._rank() == 0 else (None, None)
         committed = self._broadcast(committed)
+        choice = memory.agree(self.process_group) if memory is not None else None
+        if choice is not None and (not committed or choice.step > committed[-1]):
+            return self._load_memory(state, memory, choice)
         if not committed:
             raise CheckpointNotFoundError(
                 f"no committed checkpoint under {self.uri}", path=self.uri)
@@ -405,11 +429,23 @@ class CheckpointManager:
                                        planner=JsonLoadPlanner(),
                                        process_group=self.process_group))
         info = CheckpointInfo.from_manifest(directory.uri, manifest)
-        for key, value in info.extra.items():
-            if isinstance(state.get(key), dict) and isinstance(value, dict):
-                state[key].clear()
-                state[key].update(value)
+        _update_extras(state, info)
         self.last_read_stats = reader.stats
+        return info
+
+    def _load_memory(self, state: dict[str, Any], tier: MemoryTier,
+                     choice: Choice) -> CheckpointInfo:
+        reader, record = tier.reader(choice, self.process_group)
+        dcp_state, _ = _split_state(state)
+        self._run_dcp(lambda: dcp.load(dcp_state, storage_reader=reader,
+                                       planner=JsonLoadPlanner(),
+                                       process_group=self.process_group))
+        info = dataclasses.replace(
+            self._info(record.step, step_dirname(record.step), record.metadata, record.extra),
+            uri=f"memory:{record.group}/{step_dirname(record.step)}",
+            world_size=record.world_size)
+        _update_extras(state, info)
+        self.last_read_stats, self.last_from_memory = reader.stats, True
         return info
 
     def _quarantine(self, step: int, reason: str) -> None:
@@ -513,6 +549,14 @@ def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
         else:
             extra[key] = encode_json_value(value, key)
     return dcp_state, extra
+
+
+def _update_extras(state: dict[str, Any], info: CheckpointInfo) -> None:
+    """The dicts among ``state``'s JSON entries take the loaded checkpoint's values."""
+    for key, value in info.extra.items():
+        if isinstance(state.get(key), dict) and isinstance(value, dict):
+            state[key].clear()
+            state[key].update(value)
 
 
 def _holds_tensor(value: Any) -> bool:

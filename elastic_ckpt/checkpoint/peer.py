@@ -8,16 +8,15 @@ storage. DCP's load planner still decides what each rank needs (the re-shard ari
 only where the bytes come from changes. The bytes sent are those of the tensors that were
 written, so a peer load is bit-identical to a storage load of the same checkpoint.
 
-The exchange is collective (every rank of the group runs it inside ``dcp.load``'s read step):
-an all-gather of each rank's requests (small: names and boxes), then one message per pair of
-ranks with bytes to move (``batch_isend_irecv``), the requested boxes packed back to back.
+The exchange (``exchange``, also used by the peer-memory tier's reader) is collective: every
+rank of the group runs it inside ``dcp.load``'s read step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -54,11 +53,18 @@ def holders(held: HeldShards | None, uri: str, group: dist.ProcessGroup | None
 
 
 @dataclasses.dataclass(frozen=True)
-class _Request:
+class Request:
+    """A box of a chunk, as one rank asks another for it."""
+
     fqn: str
     chunk: tuple[int, ...]
     offsets: tuple[int, ...]
     lengths: tuple[int, ...]
+
+
+Wanted = dict[int, list[tuple[ReadItem, torch.Tensor, Request]]]
+"""By member of the group: the read items this rank takes from it, their destination
+tensors and what to ask for."""
 
 
 class PeerShardReader(ShardReader):
@@ -76,7 +82,7 @@ class PeerShardReader(ShardReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         me = dist.get_rank(self.process_group)
-        from_peers: dict[int, list[tuple[ReadItem, torch.Tensor, _Request]]] = {}
+        from_peers: Wanted = {}
         from_storage = []
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
@@ -88,10 +94,10 @@ class PeerShardReader(ShardReader):
                 from_storage.append(item)
                 continue
             dest = planner.resolve_tensor(item).detach()
-            request = _Request(fqn, chunk, tuple(item.storage_offsets), tuple(item.lengths))
+            request = Request(fqn, chunk, tuple(item.storage_offsets), tuple(item.lengths))
             from_peers.setdefault(member, []).append((item, dest, request))
         super().read_data(dataclasses.replace(plan, items=from_storage), planner).wait()
-        self._exchange(me, from_peers)
+        exchange(me, from_peers, self._box, self._count, self.process_group)
         for wanted in from_peers.values():
             for item, dest, _ in wanted:
                 planner.commit_tensor(item, dest)
@@ -99,54 +105,63 @@ class PeerShardReader(ShardReader):
         future.set_result(None)
         return future
 
-    def _exchange(self, me: int, wanted: dict[int, list[tuple[ReadItem, torch.Tensor,
-                                                                 _Request]]]) -> None:
-        group = self.process_group
-        requests = {member: [r for _, _, r in items] for member, items in wanted.items()}
-        everyone = gather_objects(requests, group)
-        ops, receives = [], []
-        for peer, theirs in enumerate(everyone):
-            asked = theirs.get(me, [])
-            if peer == me or not asked:
-                continue
-            parts = []
-            for request in asked:
-                data = self._box(request).reshape(-1).view(torch.uint8)
-                parts += [data, data.new_zeros(_padded(data.numel()) - data.numel())]
-            ops.append(dist.P2POp(dist.isend, torch.cat(parts), _global(peer, group), group))
-        for member, items in wanted.items():
-            if member == me:
-                for _, dest, request in items:
-                    dest.copy_(self._box(request))
-                    self._count(dest.numel() * dest.element_size())
-                continue
-            nbytes = sum(_padded(math.prod(r.lengths) * d.element_size()) for _, d, r in items)
-            buffer = torch.empty(nbytes, dtype=torch.uint8, device=items[0][1].device)
-            ops.append(dist.P2POp(dist.irecv, buffer, _global(member, group), group))
-            receives.append((buffer, items))
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-        for buffer, items in receives:
-            at = 0
-            for _, dest, request in items:
-                n = math.prod(request.lengths) * dest.element_size()
-                dest.copy_(buffer[at:at + n].view(dest.dtype).view(request.lengths))
-                self._count(n)
-                at += _padded(n)
-
     def _count(self, nbytes: int) -> None:
         self.stats.bytes_from_peers += nbytes
         self.stats.bytes_needed += nbytes
 
-    def _box(self, request: _Request) -> torch.Tensor:
+    def _box(self, request: Request) -> torch.Tensor:
         """The requested box of a held chunk, contiguous."""
         if self.held is None:
             raise RuntimeError(f"asked for tensor {request.fqn!r} but holds no chunks")
-        box = self.held.chunks[(request.fqn, request.chunk)]
-        for dim, (start, length) in enumerate(zip(request.offsets, request.lengths)):
-            box = box.narrow(dim, start, length)
-        return box.contiguous()
+        return box_of(self.held.chunks[(request.fqn, request.chunk)], request)
+
+
+def exchange(me: int, wanted: Wanted, box: Callable[[Request], torch.Tensor],
+             count: Callable[[int], None], group: dist.ProcessGroup | None) -> None:
+    """Collective: fill every destination in ``wanted`` from the member that holds it. An
+    all-gather of the requests, then one message per pair of ranks with bytes to move
+    (``batch_isend_irecv``), the boxes packed back to back, each 16-byte aligned. ``box``
+    gives the contiguous box this rank holds for a request (a peer's or its own); ``count``
+    is told the bytes of each destination filled."""
+    requests = {member: [r for _, _, r in items] for member, items in wanted.items()}
+    everyone = gather_objects(requests, group)
+    ops, receives = [], []
+    for peer, theirs in enumerate(everyone):
+        asked = theirs.get(me, [])
+        if peer == me or not asked:
+            continue
+        parts = []
+        for request in asked:
+            data = box(request).reshape(-1).view(torch.uint8)
+            parts += [data, data.new_zeros(_padded(data.numel()) - data.numel())]
+        ops.append(dist.P2POp(dist.isend, torch.cat(parts), global_rank(peer, group), group))
+    for member, items in wanted.items():
+        if member == me:
+            for _, dest, request in items:
+                dest.copy_(box(request))
+                count(dest.numel() * dest.element_size())
+            continue
+        nbytes = sum(_padded(math.prod(r.lengths) * d.element_size()) for _, d, r in items)
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=items[0][1].device)
+        ops.append(dist.P2POp(dist.irecv, buffer, global_rank(member, group), group))
+        receives.append((buffer, items))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    for buffer, items in receives:
+        at = 0
+        for _, dest, request in items:
+            n = math.prod(request.lengths) * dest.element_size()
+            dest.copy_(buffer[at:at + n].view(dest.dtype).view(request.lengths))
+            count(n)
+            at += _padded(n)
+
+
+def box_of(chunk: torch.Tensor, request: Request) -> torch.Tensor:
+    """The box ``request`` asks for of the chunk it names, contiguous."""
+    for dim, (start, length) in enumerate(zip(request.offsets, request.lengths)):
+        chunk = chunk.narrow(dim, start, length)
+    return chunk.contiguous()
 
 
 def _padded(nbytes: int) -> int:
@@ -154,5 +169,5 @@ def _padded(nbytes: int) -> int:
     return -(-nbytes // 16) * 16
 
 
-def _global(rank: int, group: dist.ProcessGroup | None) -> int:
+def global_rank(rank: int, group: dist.ProcessGroup | None) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)

@@ -247,7 +247,7 @@ class ShardReader(StorageReader):
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
                 stored = self.manifest.objects[item.storage_index.fqn]
-                planner.load_bytes(item, _object_bytes(stored, planner))
+                planner.load_bytes(item, object_bytes(stored, planner))
             else:
                 tensor_items.append((item, planner.resolve_tensor(item).detach()))
         # Sorted by file and offset so each file is read front to back.
@@ -295,7 +295,7 @@ class ShardReader(StorageReader):
         return checkpoint_id_ok(checkpoint_id)
 
 
-def _object_bytes(stored: Any, planner: LoadPlanner) -> io.BytesIO:
+def object_bytes(stored: Any, planner: LoadPlanner) -> io.BytesIO:
     """A stored non-tensor leaf (tagged JSON) as the bytes ``planner.load_bytes`` decodes:
     JSON for ``JsonLoadPlanner``; otherwise ``torch.save`` of the decoded value, which DCP's
     ``DefaultLoadPlanner`` ``torch.load``s (plain containers of JSON values, made here)."""

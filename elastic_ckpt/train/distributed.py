@@ -49,10 +49,31 @@ def process_group(spec: RankSpec) -> Iterator[None]:
         timeout=datetime.timedelta(seconds=spec.timeout_s),
         device_id=spec.device if spec.use_gpu else None,
     )
+    forget_earlier_groups()
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def forget_earlier_groups() -> None:
+    """Drop what DTensor cached in this thread about the meshes of earlier process groups.
+
+    DTensor's sharding propagation caches output specs by input spec, and a mesh compares
+    equal to any mesh over the same global ranks: a mesh of an earlier group of the same size
+    hits the cache. The spec it returns carries the earlier mesh, whose coordinate is this
+    process's rank in that group; a process that trains on at another rank of a group of the
+    same size (a kept worker after a resize) then computed its shards' offsets at its old rank
+    and loaded another rank's rows (found by ``tests/test_memory_tier.py``). Called after every
+    ``init_process_group`` in a process that may have had a group before."""
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    except ImportError:  # an older torch: the Python cache only
+        from torch.distributed.tensor import DTensor
+
+        DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+        return
+    _clear_sharding_prop_cache()
 
 
 def device_mesh(device: torch.device) -> DeviceMesh:
