@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 
 import pytest
@@ -18,17 +19,22 @@ from ray_jobs import (
     wait_for,
 )
 
-from elastic_ckpt import TrainingFailedError, verify
+from elastic_ckpt import CheckpointManager, TrainingFailedError, verify
+from elastic_ckpt.checkpoint.catalog import open_checkpoint
+from elastic_ckpt.checkpoint.export import assemble_tensor
+from elastic_ckpt.checkpoint.reader import ChunkReader
 from elastic_ckpt.data import ElasticSampler
 from elastic_ckpt.train import build_gpt, lm_loss
 from elastic_ckpt.train import TrainJob, TrainSpec
+from elastic_ckpt.storage import Storage
 from elastic_ckpt.train.local import run_local_group
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 def reference_losses(config, tmp_path) -> dict[int, float]:
-    """The same run at a fixed world size of 2, without Ray."""
+    """The same run at a fixed world size of 2, without Ray (its final checkpoint in
+    ``tmp_path/ref-ckpt``)."""
     ref_config = config.model_copy(update={"checkpoint": config.checkpoint.model_copy(
         update={"uri": str(tmp_path / "ref-ckpt")})})
     history = []
@@ -36,6 +42,14 @@ def reference_losses(config, tmp_path) -> dict[int, float]:
                    dataset())
     run_local_group(job, 2, on_step=history.append)
     return {m.step: m.loss for m in history}
+
+
+def final_parameters(checkpoint_uri: str) -> dict[str, torch.Tensor]:
+    """The model's full tensors in a committed checkpoint."""
+    directory, manifest = open_checkpoint(Storage(checkpoint_uri))
+    reader = ChunkReader(directory, manifest)
+    return {fqn: assemble_tensor(reader, fqn) for fqn in manifest.tensors
+            if fqn.startswith("app.model.")}
 
 
 def check_exact_training(result, config, ref: dict[int, float]) -> None:
@@ -49,6 +63,22 @@ def check_exact_training(result, config, ref: dict[int, float]) -> None:
     expected = torch.tensor([ref[s] for s in steps], dtype=torch.float64)
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
     verify(result.checkpoint.uri)
+    # The final parameters equal those of the fixed-size run (reference_losses' checkpoint).
+    ref_root = os.path.join(os.path.dirname(config.checkpoint.uri), "ref-ckpt")
+    final = final_parameters(result.checkpoint.uri)
+    reference = final_parameters(CheckpointManager(ref_root).latest().uri)
+    assert sorted(final) == sorted(reference) and final
+    for fqn, value in final.items():
+        expected = reference[fqn]
+        if fqn.endswith(".qkv.bias"):
+            # Softmax is shift-invariant per query, so the key bias gets no gradient: Adam
+            # turns its rounding noise (set by the reduction order at each world size) into
+            # steps far larger than the noise. It stays noise in both runs (|value| ~ 2e-5);
+            # the query and value biases are compared like every other parameter.
+            (q, k, v), (eq, ek, ev) = value.chunk(3), expected.chunk(3)
+            assert k.abs().max() < 1e-4 and ek.abs().max() < 1e-4, fqn
+            value, expected = torch.cat([q, v]), torch.cat([eq, ev])
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=fqn)
 
 
 def test_node_loss_then_capacity_added(tmp_path):
@@ -86,6 +116,30 @@ def test_node_loss_then_capacity_added(tmp_path):
                for e in result.events if e.kind == "scale_up"), result.events
     # A failure loads from storage: the survivors hold nothing of the interval checkpoint.
     assert failure.details["from_peers_bytes"] == 0 < failure.details["from_storage_bytes"]
+    check_exact_training(result, config, ref)
+
+
+def test_node_loss_recovers_from_peer_memory(tmp_path):
+    """With the peer-memory tier and no interval checkpoint, a node loss costs at most the
+    memory interval: the survivor restores the last snapshot, its own shard and the replica
+    of the lost rank's, from its memory."""
+    config = tiny_config(tmp_path, max_steps=24, scaling__max_workers=2,
+                         checkpoint__interval_steps=None, checkpoint__memory_tier=True)
+    ref = reference_losses(config, tmp_path)
+    faults = Faults(tmp_path / "faults")
+    with loopback_cluster(num_nodes=2) as cluster:
+        run = Run(**trainer_kwargs(config, faults))
+        wait_for(lambda: run.reached(6, world_size=2), 180, "step 6 at 2 workers")
+        faults.set("slow")
+        cluster.remove_node(list(cluster.worker_nodes)[0])
+        wait_for(lambda: any(m.world_size == 1 for m in run.steps), 180, "training at 1")
+        faults.clear("slow")
+        result = run.join()
+    failure = next(e for e in result.events if e.kind == "failure")
+    assert failure.details["from_memory"], failure.details
+    assert failure.resumed_step >= 6 and failure.steps_lost <= 1, failure.to_json()
+    assert failure.details["from_storage_bytes"] == 0 < failure.details["from_peers_bytes"]
+    assert kept(failure) == (1, 0)
     check_exact_training(result, config, ref)
 
 

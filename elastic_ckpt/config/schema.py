@@ -109,6 +109,15 @@ class CheckpointConfig(_Section):
     the new group takes each chunk from its writer's memory over the process group; only the
     chunks of workers that left are read from storage. Costs one more copy of a rank's state
     (host or GPU memory, where the model lives) while the new group builds its model."""
+    memory_tier: bool = False
+    """The peer-memory tier: every ``memory_interval_steps`` each rank snapshots its shard
+    into host memory and sends a replica to a rank on another node, so after a node loss the
+    survivors restore the newest snapshot from memory (re-sharded to the new size; no
+    storage read, no steps lost beyond the interval). Storage is read when a rank and its
+    replica holder are both gone. Costs twice the rank's state in host memory and one copy
+    of the shard over the network per snapshot."""
+    memory_interval_steps: PositiveInt = 1
+    """With ``memory_tier``: snapshot every this many steps."""
     max_failed_saves: PositiveInt = 3
     """Consecutive failed saves (ENOSPC, an object-store error) the run tolerates, each a
     warning, before it fails naming the cause and the last committed checkpoint."""

@@ -431,7 +431,8 @@ class Coordinator:
             event.warnings = list(report.warnings)
             event.details.update(fsdp_units=report.fsdp_units,
                                  from_peers_bytes=report.from_peers_bytes,
-                                 from_storage_bytes=report.from_storage_bytes)
+                                 from_storage_bytes=report.from_storage_bytes,
+                                 from_memory=report.from_memory)
             if report.init_from is not None:
                 event.details.update(init_from=report.init_from,
                                      init_bytes_read=report.init_bytes_read,

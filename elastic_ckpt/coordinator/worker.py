@@ -20,6 +20,7 @@ from typing import Any
 import ray
 import torch
 
+from elastic_ckpt.checkpoint.memory_tier import MemoryTier
 from elastic_ckpt.errors import ElasticCkptError, RankError
 from elastic_ckpt.train import RankHooks, RankResult, RankSpec, TrainJob
 from elastic_ckpt.train.distributed import process_group
@@ -39,6 +40,8 @@ class TrainWorker:
         self._lock = threading.Lock()
         self.groups_joined = 0
         self._held: Any = None  # the shards the last group's stop save wrote from here
+        self._memory = (MemoryTier(self.node_id()) if job.config.checkpoint.memory_tier
+                        else None)  # the peer-memory tier: it outlives the groups
         cpus = job.config.scaling.resources_per_worker.get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
 
@@ -88,7 +91,8 @@ class TrainWorker:
         with process_group(spec):
             report("event", Rendezvous(time.perf_counter() - started, os.getpid(), joined))
             check_shared_storage(self.job.config.checkpoint.uri, spec.node or self.node_id())
-            trainer = self.job.trainer(hooks, spec.device, held=self._held)
+            trainer = self.job.trainer(hooks, spec.device, held=self._held,
+                                       memory=self._memory)
             self._held = None
             try:
                 result = trainer.run()

@@ -67,6 +67,8 @@ class Restored:
     from_peers_bytes: int = 0
     """Bytes of the checkpoint taken from the group's memory (re-shard from memory)."""
     from_storage_bytes: int = 0
+    from_memory: bool = False
+    """The state came from a peer-memory snapshot, not a committed checkpoint."""
     init_from: str | None = None
     init_bytes_read: int | None = None
     model_bytes: int | None = None

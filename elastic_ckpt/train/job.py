@@ -118,10 +118,11 @@ class TrainJob:
     dataset: Any
     eval_dataset: Any | None = None
 
-    def trainer(self, hooks: RankHooks, device: torch.device, held: Any = None):
+    def trainer(self, hooks: RankHooks, device: torch.device, held: Any = None,
+                memory: Any = None):
         from elastic_ckpt.train.loop import RankTrainer
 
-        return RankTrainer(self, hooks=hooks, device=device, held=held)
+        return RankTrainer(self, hooks=hooks, device=device, held=held, memory=memory)
 
 
 def default_model(config: TrainConfig) -> tuple[Callable[[], nn.Module], LossFn]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import socket
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from elastic_ckpt.checkpoint import AppState, CheckpointInfo, CheckpointManager
 from elastic_ckpt.config import OptimConfig
 from elastic_ckpt.data import ElasticSampler, collate
 from elastic_ckpt.checkpoint.async_save import SaveHandle
+from elastic_ckpt.checkpoint.memory_tier import MemoryTier
 from elastic_ckpt.checkpoint.peer import HeldShards
 from elastic_ckpt.errors import (
     CheckpointNotFoundError,
@@ -59,7 +61,8 @@ class RankTrainer:
     """Runs training for one rank of the default process group."""
 
     def __init__(self, job: TrainJob, hooks: RankHooks = RankHooks(),
-                 device: torch.device | None = None, held: HeldShards | None = None) -> None:
+                 device: torch.device | None = None, held: HeldShards | None = None,
+                 memory: MemoryTier | None = None) -> None:
         config, spec = job.config, job.spec
         self.job = job
         self.config = config
@@ -90,6 +93,11 @@ class RankTrainer:
         self.held = held
         """The shards this process wrote to a checkpoint in its previous group (a stop for a
         resize); the restore takes what it can of that checkpoint from the group's memory."""
+        if memory is None and ck.memory_tier:  # one group only (the local launcher)
+            memory = MemoryTier(socket.gethostname())
+        self.memory = memory if ck.memory_tier else None
+        """The peer-memory tier of this process (``checkpoint.memory_tier``): it outlives
+        the group when the runtime keeps the process (``TrainWorker``)."""
         self._in_flight: SaveHandle | None = None  # the async save not yet reported
         self._failed_saves = 0  # background saves failed in a row
 
@@ -175,7 +183,7 @@ class RankTrainer:
         held, self.held = self.held, None  # dropped once loaded: they are the old model's
         try:
             info = self.ckpt.load(state, fallback=self.config.checkpoint.fallback_on_corrupt,
-                                  held=held)
+                                  held=held, memory=self.memory)
         except CheckpointNotFoundError:
             return 0, None
         saved = info.extra.get("trainer", {})
@@ -230,7 +238,10 @@ class RankTrainer:
             scheduler = self._builtin_schedule(optimizer, base_lrs, step)
         restored = None if info is None else step
         self.restored_step = step
-        self.last_committed = info
+        from_memory = self.ckpt.last_from_memory
+        self.last_committed = self.ckpt.latest() if from_memory else info
+        if self.memory is not None:
+            self.memory.attach()  # after the restore, which may need the old group's pieces
         read = self.ckpt.last_read_stats
         self.hooks.on_event(Restored(
             seconds=time.perf_counter() - t0, step=step, build_seconds=t0 - started,
@@ -238,7 +249,7 @@ class RankTrainer:
             fsdp_units=fsdp_units(model),
             skipped=[{"step": s, "error": e} for s, e in self.ckpt.last_skipped],
             warnings=list(self.restore_warnings), from_peers_bytes=read.bytes_from_peers,
-            from_storage_bytes=read.bytes_read, **pretrained))
+            from_storage_bytes=read.bytes_read, from_memory=from_memory, **pretrained))
         record = self._model_record(model)
         tokens_seen = int(trainer_state.get("tokens_seen", 0))
         stopped = False
@@ -252,6 +263,10 @@ class RankTrainer:
                                               time.perf_counter() - started, step))
             self.hooks.on_step(metrics)
             self._collect_save(block=False)
+            if self._snapshot_due(step, stop):
+                self.ckpt.snapshot(step, {"app": app, "model": record,
+                                          "trainer": self._trainer_state(step, tokens_seen)},
+                                   self.memory)
             # Save before evaluating: a stop request (a drain deadline) must not wait for an
             # eval, and a failing eval_fn must not cost the checkpoint. Saves that end this
             # group (a stop, the last step) are committed before the ranks return.
@@ -282,6 +297,12 @@ class RankTrainer:
         if step == self.config.max_steps:
             return ck.save_on_finish
         return ck.interval_steps is not None and step % ck.interval_steps == 0
+
+    def _snapshot_due(self, step: int, stop: bool) -> bool:
+        """A peer-memory snapshot after this step? Not on a stop (its checkpoint is committed
+        before the group ends) nor at the last step."""
+        return (self.memory is not None and not stop and step < self.config.max_steps
+                and step % self.config.checkpoint.memory_interval_steps == 0)
 
     def _eval_due(self, step: int) -> bool:
         if self.job.eval_dataset is None:
