@@ -285,3 +285,22 @@ def test_the_inbox_hands_out_each_ranks_reports_in_order_and_only_of_this_group(
     inbox.reset()  # the next group counts from 0
     inbox.put(2, 0, 0, "step", "new group")
     assert inbox.take(2) == [(0, "step", "new group")] and inbox.received(0) == 1
+
+
+def test_the_run_record_forgets_the_steps_a_restore_reruns_and_hands_progress_out_once():
+    from elastic_ckpt.coordinator.record import RunRecord
+    from elastic_ckpt.train import StepMetrics
+
+    def step(s, rank):
+        return StepMetrics(step=s, loss=1.0, world_size=2, samples=2, tokens=8, lr=0.1,
+                           step_time_s=0.1, rank=rank, sample_ids=(2 * s + rank,))
+
+    record = RunRecord(record_samples=True)
+    for s in (1, 2, 3):
+        record.step(1, step(s, 1))  # rank 1: the ledger only
+        record.step(0, step(s, 0))
+    assert record.last_step == 3 and [m.step for m in record.take_progress().steps] == [1, 2, 3]
+    assert record.take_progress().steps == []  # taken
+    record.restore(1)  # steps 2 and 3 run again
+    assert (record.last_step, record.restored_step) == (1, 1)
+    assert [m.step for m in record.steps()] == [1] and record.sample_ledger() == {1: (2, 3)}

@@ -11,7 +11,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import types
 import urllib.request
@@ -251,14 +250,17 @@ def test_coordinator_reports_every_checkpoint_and_failure(tmp_path):
     scaling event pending, other ranks' do not; every failure is recorded when recovery
     begins (also those that do not come through ``_on_failure``)."""
     from elastic_ckpt.coordinator import Coordinator, Failure, FailureKind, FailurePolicy
+    from elastic_ckpt.coordinator.record import RunRecord
     from elastic_ckpt.coordinator.state import Recovering, Starting
     from elastic_ckpt.train.events import CheckpointCommitted
 
     path = tmp_path / "metrics.jsonl"
+    record = RunRecord()
+    record.last_step = 7
     coordinator = types.SimpleNamespace(
-        telemetry=RunTelemetry([JsonlMetrics(str(path))]), last_step=7, failures=0,
-        failure_policy=FailurePolicy(3), _last_failure=None, _lock=threading.Lock(),
-        _progress_failures=[], _note_released=lambda workers: None,
+        telemetry=RunTelemetry([JsonlMetrics(str(path))]), record=record, failures=0,
+        failure_policy=FailurePolicy(3), _last_failure=None,
+        capacity=types.SimpleNamespace(note_released=lambda workers: None),
         group=types.SimpleNamespace(keep_survivors=lambda timeout_s: [], workers=[]),
         config=types.SimpleNamespace(failure=types.SimpleNamespace(survivor_timeout_s=0)))
     committed = CheckpointCommitted(step=4, seconds=0.5, bytes=1000, is_async=True)

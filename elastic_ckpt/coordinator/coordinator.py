@@ -1,6 +1,11 @@
 """``Coordinator``: observes the cluster, asks the policies, and carries their decisions out on
 a ``WorkerGroup`` — one state transition per loop iteration (see ``state.py``).
 
+It manages the group: which workers a transition keeps, starts, adopts as spares or releases.
+The rest lives in rooms of their own: the ranks' reports arrive in a ``ReportInbox``, what the
+run has done is kept in a ``RunRecord``, and what the cluster has room for comes from a
+``CapacityMonitor``.
+
 Runs inside one Ray actor (``ElasticTrainer`` starts it, pinned to the driver's node). Tensors
 never pass through it: ranks exchange state through checkpoints and, on a resize, directly
 between the processes of the new group (``checkpoint.peer``)."""
@@ -9,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 import time
 import traceback
 from typing import Any
@@ -19,6 +23,7 @@ import ray
 from elastic_ckpt.checkpoint import CheckpointInfo
 from elastic_ckpt.checkpoint.manager import latest_or_reason
 from elastic_ckpt.config import TrainConfig
+from elastic_ckpt.coordinator.capacity import CLUSTER_POLL_INTERVAL_S, CapacityMonitor
 from elastic_ckpt.coordinator.cluster import ClusterView
 from elastic_ckpt.coordinator.events import FailureNotice, ScalingEvent, Timeline
 from elastic_ckpt.coordinator.inbox import ReportInbox
@@ -33,6 +38,7 @@ from elastic_ckpt.coordinator.policy import (
     ScalingPolicy,
     ScalingPolicyProtocol,
 )
+from elastic_ckpt.coordinator.record import Progress, RunRecord
 from elastic_ckpt.coordinator.state import (
     TERMINAL,
     Failed,
@@ -64,7 +70,6 @@ from elastic_ckpt.train.events import (
 )
 
 POLL_INTERVAL_S = 0.1
-CLUSTER_POLL_INTERVAL_S = 0.5
 REPORT_GRACE_S = 2.0
 
 
@@ -83,16 +88,6 @@ class CoordinatorResult:
     eval_history: tuple[EvalMetrics, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
-class Progress:
-    """What happened since the driver last asked (for its display)."""
-
-    steps: list[StepMetrics]
-    events: list[ScalingEvent]
-    evals: list[EvalMetrics]
-    failures: list[FailureNotice] = dataclasses.field(default_factory=list)
-
-
 class Coordinator:
     def __init__(self, config: TrainConfig, job: TrainJob, record_samples: bool = False,
                  cluster: ClusterView | None = None, *,
@@ -103,35 +98,21 @@ class Coordinator:
         self.scaling = scaling_policy or ScalingPolicy(
             s.min_workers, s.max_workers, cooldown_s=s.cooldown_s, settle_s=s.settle_s)
         self.failure_policy = failure_policy or FailurePolicy(config.failure.max_failures)
-        self.cluster = cluster or ClusterView()
         self.group = WorkerGroup(job, s.bundle, s.placement_strategy, s.use_gpu,
                                  sink=_current_actor(),
                                  actor_start_timeout_s=s.actor_start_timeout_s,
                                  process_group_timeout_s=s.process_group_timeout_s)
+        self.capacity = CapacityMonitor(cluster or ClusterView(), s.bundle, self.group)
         self.timeline = Timeline(os.path.join(config.run_dir, "events.jsonl")
                                  if config.run_dir else None)
         self.telemetry = RunTelemetry.from_config(config)
-        self.record_samples = record_samples
-        self.failures = 0
-        self.history: dict[int, StepMetrics] = {}
-        self.eval_history: dict[int, EvalMetrics] = {}
-        self.ledger: dict[int, dict[int, tuple[int, ...]]] = {}  # step -> rank -> sample ids
-        self.last_step = 0
-        self.restored_step: int | None = None
-        self._capacity = (0, time.time())  # (value, when it last changed)
-        self._last_cluster_poll = 0.0
-        self._last_spare_try = 0.0
-        self._drain_deadlines: dict[str, float | None] = {}  # draining node -> deadline
-        self._released: dict[str, int] = {}  # node -> bundles of the group just torn down
-        self._lock = threading.Lock()
-        self._progress: list[StepMetrics] = []
-        self._progress_events: list[ScalingEvent] = []
-        self._progress_evals: list[EvalMetrics] = []
+        self.record = RunRecord(record_samples)
         self.inbox = ReportInbox()
+        self.failures = 0
+        self._last_spare_try = 0.0
         self._last_healthy = time.time()
         self._resumed_s: float | None = None  # when the current group made its first step
         self._last_failure: Failure | None = None
-        self._progress_failures: list[FailureNotice] = []
 
     # -- public (Ray actor methods) ---------------------------------------------------------
     def run(self) -> CoordinatorResult:
@@ -155,12 +136,10 @@ class Coordinator:
             self.group.shutdown()
             self._request_resources(0)
         return CoordinatorResult(
-            final_step=self.last_step, checkpoint=self._latest(),
-            history=tuple(self.history[s] for s in sorted(self.history)),
-            events=tuple(self.timeline.events),
-            sample_ledger={s: tuple(i for r in sorted(v) for i in v[r])
-                           for s, v in sorted(self.ledger.items())}, error=error,
-            eval_history=tuple(self.eval_history[s] for s in sorted(self.eval_history)))
+            final_step=self.record.last_step, checkpoint=self._latest(),
+            history=self.record.steps(), events=tuple(self.timeline.events),
+            sample_ledger=self.record.sample_ledger(), error=error,
+            eval_history=self.record.evals())
 
     def report(self, generation: int, rank: int, seq: int, kind: str, payload: Any) -> None:
         """Called by the ranks (fire-and-forget) after every step and event."""
@@ -168,12 +147,7 @@ class Coordinator:
 
     def progress(self) -> Progress:
         """Steps, evals and completed events since the previous call (for the driver)."""
-        with self._lock:
-            out = Progress(self._progress, self._progress_events, self._progress_evals,
-                           self._progress_failures)
-            self._progress, self._progress_events, self._progress_evals = [], [], []
-            self._progress_failures = []
-        return out
+        return self.record.take_progress()
 
     # -- transitions ------------------------------------------------------------------------
     def _transition(self, state: State) -> State:
@@ -184,7 +158,7 @@ class Coordinator:
     def _starting(self, state: Starting) -> State:
         event = state.event
         t0 = time.time()
-        fresh = self.scaling.start_size(self._observe_capacity(force=True))
+        fresh = self.scaling.start_size(self.capacity.observe(force=True))
         # Nodes that joined since the decision count too (one resize for a burst of joins);
         # the decided target wins if the view still shows our just-freed bundles as used.
         size = max(filter(None, (state.target, fresh)), default=None)
@@ -199,7 +173,7 @@ class Coordinator:
                 self.group.place(size - kept, self.config.scaling.placement_timeout_s)
                 break
             except PlacementTimeout:
-                fits = self.scaling.start_size(self._observe_capacity(force=True))
+                fits = self.scaling.start_size(self.capacity.observe(force=True))
                 size = None if fits is None else min(fits, size - 1)
                 if size is not None and size < self.scaling.min_workers:
                     size = None
@@ -207,7 +181,7 @@ class Coordinator:
             return Waiting(event, since_s=time.time())
         if size < kept:
             self._release(self._surplus(kept - size))
-        self._released = {}
+        self.capacity.forget_released()
         event.phases[Phase.PLACEMENT] = time.time() - t0
         self.inbox.reset()
         try:
@@ -234,7 +208,7 @@ class Coordinator:
         if poll.finished:
             self._await_reports(poll, state.event, state.started_s)
             return Finished()
-        obs = self._observation()
+        obs = self.capacity.observation(last_resize_s=self._resumed_s)
         decision = self.scaling.decide(obs)
         self._tend_spares(obs)
         if state.event is not None:
@@ -256,15 +230,15 @@ class Coordinator:
             self.group.request_stop()
             return Resizing(decision, ScalingEvent(
                 decision.reason, f"resize {self.group.size} -> {decision.num_workers}",
-                from_workers=self.group.size, at_step=self.last_step,
-                phases={Phase.DETECT: time.time() - self._capacity[1]}))
+                from_workers=self.group.size, at_step=self.record.last_step,
+                phases={Phase.DETECT: time.time() - self.capacity.changed_s}))
         time.sleep(POLL_INTERVAL_S)
         return state
 
     def _resizing(self, state: Resizing) -> State:
         event = state.event
         t0 = time.time()
-        deadline = self._drain_deadline()
+        deadline = self.capacity.drain_deadline()
         stop_s = self.config.scaling.stop_timeout_s
         poll = self.group.wait_stopped(
             stop_s if deadline is None else max(1.0, min(stop_s, deadline - time.time())))
@@ -276,11 +250,11 @@ class Coordinator:
             return self._on_failure(Failure(FailureKind.PREEMPTED if deadline else
                                             FailureKind.WORKER_DIED,
                                             "ranks did not stop before the deadline"))
-        event.at_step = self.last_step
+        event.at_step = self.record.last_step
         t1 = time.time()
-        self._release([w for w in self.group.workers if w.node_id in self._drain_deadlines])
+        self._release([w for w in self.group.workers if self.capacity.draining(w.node_id)])
         event.phases[Phase.TEARDOWN] = time.time() - t1
-        if self.last_step >= self.config.max_steps:
+        if self.record.last_step >= self.config.max_steps:
             return Finished()
         return Starting(event, target=state.decision.num_workers or None)
 
@@ -289,7 +263,7 @@ class Coordinator:
         t0 = time.time()
         failure, previous = state.failure, self._last_failure
         if failure.kind in _PEER_LOST:  # the others' collectives fail: keep their processes
-            self._note_released(self.group.keep_survivors(
+            self.capacity.note_released(self.group.keep_survivors(
                 self.config.failure.survivor_timeout_s))
         else:  # a training error may have left a process unusable (a CUDA error): replace all
             self._release(list(self.group.workers))
@@ -299,10 +273,9 @@ class Coordinator:
         if self.failure_policy.counts(failure):
             self.failures += 1
         retrying = decision is not FailureDecision.RAISE
-        with self._lock:
-            self._progress_failures.append(FailureNotice(
-                failure.kind.value, failure.message, self.last_step, retrying))
-        self.telemetry.failure(failure.kind.value, self.last_step, failure.message)
+        self.record.failure(FailureNotice(
+            failure.kind.value, failure.message, self.record.last_step, retrying))
+        self.telemetry.failure(failure.kind.value, self.record.last_step, failure.message)
         if retrying:
             return Starting(event)
         if failure.kind is FailureKind.FATAL:
@@ -319,7 +292,7 @@ class Coordinator:
                       f"{failure.message}")
 
     def _waiting(self, state: Waiting) -> State:
-        capacity = self._observe_capacity(force=True)
+        capacity = self.capacity.observe(force=True)
         if self.scaling.start_size(capacity) is not None:
             state.event.phases[Phase.WAIT_CAPACITY] = time.time() - state.since_s
             return Starting(state.event)
@@ -338,32 +311,26 @@ class Coordinator:
     # -- helpers ----------------------------------------------------------------------------
     def _release(self, workers: list[Worker]) -> None:
         self.group.release(workers)
-        self._note_released(workers)
-
-    def _note_released(self, workers: list[Worker]) -> None:
-        # Ray's resource view shows freed bundles as used for a moment after the kill; until
-        # the next group is placed, count them as ours so the restart size is right (a dead
-        # node's bundles drop out with the node).
-        for worker in workers:
-            self._released[worker.node_id] = self._released.get(worker.node_id, 0) + 1
+        self.capacity.note_released(workers)
 
     def _surplus(self, n: int) -> list[Worker]:
         """The ``n`` workers a shrink removes: those on draining nodes first, then the last
         ranks (rank 0's process stays where it is)."""
         order = sorted(enumerate(self.group.workers),
-                       key=lambda rw: (rw[1].node_id not in self._drain_deadlines, -rw[0]))
+                       key=lambda rw: (not self.capacity.draining(rw[1].node_id), -rw[0]))
         return [w for _, w in order[:n]]
 
     def _on_failure(self, failure: Failure) -> State:
         if failure.kind in (FailureKind.WORKER_DIED, FailureKind.NODE_DIED) and \
-                self._draining_workers():
+                self.capacity.draining_workers():
             failure = dataclasses.replace(failure, kind=FailureKind.PREEMPTED)
         return Recovering(failure, ScalingEvent(
-            "failure", failure.message, from_workers=self.group.size, at_step=self.last_step,
+            "failure", failure.message, from_workers=self.group.size,
+            at_step=self.record.last_step,
             phases={Phase.DETECT: time.time() - self._last_healthy}))
 
     def _ingest(self, poll: GroupPoll, state: Running) -> Running:
-        """Fold the ranks' reports into history, the ledger and the pending event's phases.
+        """Fold the ranks' reports into the run record and the pending event's phases.
         Reports of earlier groups (still in flight when their group was killed) are dropped."""
         if poll.failure is None:
             self._last_healthy = time.time()
@@ -374,17 +341,14 @@ class Coordinator:
             elif kind == "step":
                 self._on_step(rank, payload)
             elif kind == "eval" and rank == 0:
-                self.eval_history[payload.step] = payload
                 self.telemetry.eval(payload)
-                with self._lock:
-                    self._progress_evals.append(payload)
+                self.record.eval(payload)
         if event is not None and Phase.FIRST_STEP in event.phases:
-            event.resumed_step = self.restored_step
+            event.resumed_step = self.record.restored_step
             self._resumed_s = time.time()
             self.timeline.complete(event)
             self.telemetry.scaling_event(event)
-            with self._lock:
-                self._progress_events.append(event)
+            self.record.event(event)
             return Running(None, state.started_s)
         return state
 
@@ -410,14 +374,12 @@ class Coordinator:
         if rank != 0:
             return
         if isinstance(report, Restored):
-            self._on_restore(report.step)
+            self.record.restore(report.step)
         if isinstance(report, CheckpointCommitted):  # every committed save, event or not
             self.telemetry.checkpoint(report.step, report.seconds, report.bytes)
         if isinstance(report, CheckpointFailed):  # a background save: training goes on
             self.telemetry.failure("checkpoint_save", report.step, report.error)
-            with self._lock:
-                self._progress_failures.append(FailureNotice(
-                    "checkpoint_save", report.error, report.step, True))
+            self.record.failure(FailureNotice("checkpoint_save", report.error, report.step, True))
         if event is None:
             return
         if isinstance(report, Rendezvous):
@@ -442,71 +404,23 @@ class Coordinator:
             event.phases[Phase.SAVE] = report.seconds  # the stop save, its wait included
 
     def _on_step(self, rank: int, m: StepMetrics) -> None:
-        if self.record_samples:
-            self.ledger.setdefault(m.step, {})[rank] = m.sample_ids
         if rank == 0:
-            self.history[m.step] = m
-            self.last_step = max(self.last_step, m.step)
             self.telemetry.step(m)
-            with self._lock:
-                self._progress.append(m)
-
-    def _on_restore(self, step: int) -> None:
-        """A new group resumed from ``step``: later steps re-run, so forget their records."""
-        self.restored_step = step
-        self.last_step = step
-        for s in [s for s in self.history if s > step]:
-            del self.history[s]
-        for s in [s for s in self.eval_history if s > step]:
-            del self.eval_history[s]
-        for s in [s for s in self.ledger if s > step]:
-            del self.ledger[s]
-
-    def _observe_capacity(self, force: bool = False) -> int:
-        now = time.time()
-        if force or now - self._last_cluster_poll >= CLUSTER_POLL_INTERVAL_S:
-            self._last_cluster_poll = now
-            snap = self.cluster.snapshot()
-            self._drain_deadlines = {n.node_id: n.drain_deadline_s
-                                     for n in snap.nodes if n.draining}
-            own = dict(self.group.bundles_per_node())
-            for node, n in self._released.items():
-                own[node] = own.get(node, 0) + n
-            capacity = snap.capacity(self.config.scaling.bundle, own)
-            if capacity != self._capacity[0]:
-                self._capacity = (capacity, now)
-        return self._capacity[0]
-
-    def _observation(self) -> Observation:
-        capacity = self._observe_capacity()
-        return Observation(
-            now_s=time.time(), num_workers=self.group.size, capacity=capacity,
-            capacity_changed_s=self._capacity[1],
-            draining_workers=self._draining_workers(),
-            last_resize_s=self._resumed_s)
+        self.record.step(rank, m)
 
     def _tend_spares(self, obs: Observation) -> None:
         """Start the processes a coming scale-up needs while the group trains (at most one
         placement attempt per cluster poll); drop spares on draining nodes."""
-        draining = [w for w in self.group.spares if w.node_id in self._drain_deadlines]
+        draining = [w for w in self.group.spares if self.capacity.draining(w.node_id)]
         if draining:
             self.group.release_spares(draining)
-            self._note_released(draining)
+            self.capacity.note_released(draining)
         missing = self.scaling.wanted(obs) - self.group.size - len(self.group.spares)
         now = time.time()
         if missing > 0 and now - self._last_spare_try >= CLUSTER_POLL_INTERVAL_S:
             self._last_spare_try = now
             if self.group.add_spares(missing, min(1.0, self.config.scaling.placement_timeout_s)):
-                self._released = {}
-
-    def _drain_deadline(self) -> float | None:
-        """The earliest drain deadline among the group's nodes, as last observed."""
-        deadlines = [d for node, d in self._drain_deadlines.items()
-                     if node in self.group.node_ids and d]
-        return min(deadlines) if deadlines else None
-
-    def _draining_workers(self) -> int:
-        return sum(n in self._drain_deadlines for n in self.group.node_ids)
+                self.capacity.forget_released()
 
     def _latest(self) -> CheckpointInfo | None:
         return latest_or_reason(self.config.checkpoint.uri)[0]
