@@ -90,7 +90,8 @@ def make_config(o: argparse.Namespace, workdir: str):
         scaling={"min_workers": 1, "max_workers": o.nodes + 1, "cooldown_s": o.cooldown_s,
                  "settle_s": o.scaling_settle_s},
         checkpoint={"uri": os.path.join(workdir, "ckpt"), "interval_steps": o.ckpt_interval,
-                    "keep_last": 3},
+                    "keep_last": 3, "memory_tier": o.memory_tier,
+                    "memory_interval_steps": o.memory_interval},
         run_dir=os.path.join(workdir, "run"),
     )
 
@@ -574,10 +575,16 @@ def _goals(ec: dict | None, rt: dict | None, ec_ev: dict, o: argparse.Namespace)
             lines.append(f"goal node loss <= 0.02x Ray Train: {verdict(ratio <= 0.02)} "
                          f"({ratio:.3f}x)")
         lost = [e.steps_lost for e in ec_ev["loss"] if e.steps_lost is not None]
-        if lost:
+        memory = all(e.details.get("from_memory") for e in ec_ev["loss"])
+        if lost and o.memory_tier:
+            lines.append(f"goal node loss steps lost <= memory interval "
+                         f"({o.memory_interval}): {verdict(max(lost) <= o.memory_interval)} "
+                         f"({max(lost)}; restored from "
+                         f"{'peer memory' if memory else 'storage'})")
+        elif lost:
             lines.append(f"node loss steps lost: {max(lost)} (checkpoint interval "
-                         f"{o.ckpt_interval}; the goal of <= memory_interval_steps needs the "
-                         "peer-memory tier)")
+                         f"{o.ckpt_interval}; --no-memory-tier: the goal of <= the memory "
+                         "interval needs the peer-memory tier)")
     if ec_ev["add"]:
         resizes = len(ec_ev["add"])
         lines.append(f"goal capacity added -> one resize: {verdict(resizes == 1)} ({resizes})")
@@ -610,6 +617,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300,
                    help="ElasticTrainer max_steps (300); Ray Train runs until measured")
     p.add_argument("--ckpt-interval", type=int, default=5, help="checkpoint every N steps (5)")
+    p.add_argument("--no-memory-tier", dest="memory_tier", action="store_false",
+                   help="elastic_ckpt without the peer-memory tier (a node loss then resumes "
+                        "from the latest committed checkpoint)")
+    p.add_argument("--memory-interval", type=int, default=1,
+                   help="checkpoint.memory_interval_steps with the tier (1)")
     p.add_argument("--fail-at-step", type=int, default=12,
                    help="remove a node once this step is observed (12)")
     p.add_argument("--scaling-settle-s", type=float, default=ScalingConfig().settle_s,
