@@ -2,6 +2,7 @@
 
 from elastic_ckpt.errors import (
     CheckpointCorruptError,
+    CheckpointLeaseError,
     CheckpointError,
     CheckpointMismatchError,
     CheckpointNotCommittedError,
@@ -41,6 +42,7 @@ def __getattr__(name: str):
 __all__ = [
     "AppState",
     "CheckpointCorruptError",
+    "CheckpointLeaseError",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",

@@ -104,6 +104,11 @@ class RunDirError(ElasticCkptError):
     line number)."""
 
 
+class CheckpointLeaseError(CheckpointError):
+    """Another job holds the checkpoint root's lease (or took it over from this one): two
+    writers must never interleave saves under one root."""
+
+
 class CheckpointSavesFailedError(CheckpointSaveError):
     """``checkpoint.max_failed_saves`` saves in a row failed in the background (disk full, an
     object store down): the run stops rather than train on without checkpoints. The message

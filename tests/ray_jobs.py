@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
 import threading
 import time
@@ -55,7 +56,9 @@ class Faults:
     """Marker files in ``root`` that ranks act on: ``slow`` (sleep in each micro-batch while
     present), ``crash-rank-R`` (rank R exits mid-step, once), ``crash-always-rank-R`` (rank R
     exits on every step while present), ``crash-in-save-rank-R`` (rank R exits inside the next
-    checkpoint save, once)."""
+    checkpoint save, once), ``slow-save`` (each save takes 4 s more while present),
+    ``sigstop-rank-R`` (rank R sends itself SIGSTOP mid-step, once: a
+    hung process, every thread frozen)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -84,6 +87,8 @@ def faulty_loss(model, batch, root: str):
     marks = Path(root)
     if _take(marks / f"crash-rank-{rank}") or (marks / f"crash-always-rank-{rank}").exists():
         os._exit(1)  # a worker dying mid-step, without cleanup
+    if _take(marks / f"sigstop-rank-{rank}"):
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen until someone SIGCONTs or kills it
     if (marks / "slow").exists():
         time.sleep(0.15)
     return lm_loss(model, batch)
@@ -95,6 +100,8 @@ def faulty_model(config: TrainConfig, root: str):
     def crash_in_save(module, prefix, keep_vars):
         if _take(Path(root) / f"crash-in-save-rank-{dist.get_rank()}"):
             os._exit(1)  # dies inside CheckpointManager.save (state_dict of the save)
+        if (Path(root) / "slow-save").exists():
+            time.sleep(4.0)  # every state_dict of a save (or snapshot) takes 4 s more
 
     model.register_state_dict_pre_hook(crash_in_save)
     return model

@@ -304,3 +304,41 @@ def test_the_run_record_forgets_the_steps_a_restore_reruns_and_hands_progress_ou
     record.restore(1)  # steps 2 and 3 run again
     assert (record.last_step, record.restored_step) == (1, 1)
     assert [m.step for m in record.steps()] == [1] and record.sample_ledger() == {1: (2, 3)}
+
+
+def test_hang_watchdog_limits_and_progress() -> None:
+    from elastic_ckpt.coordinator.watchdog import HangWatchdog
+
+    dog = HangWatchdog(step_timeout_s=10, first_step_timeout_s=60)
+    assert dog.check(1000.0) is None  # no group yet
+    dog.start(0.0)
+    assert dog.check(59.0) is None  # the first step gets first_step_timeout_s
+    dog.progress(30.0)  # a restore event: progress, but not a step
+    hang = dog.check(91.0)
+    assert hang is not None and hang.first_step and hang.limit_s == 60
+    assert hang.setting == "failure.first_step_timeout_s" and hang.seconds == 61.0
+    dog.progress(95.0, step=True)
+    assert dog.check(104.0) is None
+    hang = dog.check(105.5)
+    assert hang is not None and not hang.first_step and hang.setting == "failure.step_timeout_s"
+    dog.progress(90.0, step=True)  # a report stamped earlier never moves the clock back
+    assert dog.check(105.5) is not None
+    dog.stop()
+    assert dog.check(10_000.0) is None
+    off = HangWatchdog(step_timeout_s=None, first_step_timeout_s=None)
+    off.start(0.0)
+    assert off.check(1e9) is None
+
+
+def test_process_group_timeout_follows_the_watchdog() -> None:
+    from elastic_ckpt.config import TrainConfig
+
+    assert TrainConfig().process_group_timeout_s == 1800  # first_step_timeout_s
+    cfg = TrainConfig.model_validate({"failure": {"step_timeout_s": 30,
+                                                  "first_step_timeout_s": None}})
+    assert cfg.process_group_timeout_s == 30
+    cfg = TrainConfig.model_validate({"failure": {"step_timeout_s": None,
+                                                  "first_step_timeout_s": None}})
+    assert cfg.process_group_timeout_s == 600
+    cfg = TrainConfig.model_validate({"scaling": {"process_group_timeout_s": 45}})
+    assert cfg.process_group_timeout_s == 45

@@ -44,6 +44,7 @@ from elastic_ckpt.checkpoint.planners import JsonLoadPlanner
 from elastic_ckpt.checkpoint.writer import as_storage, checkpoint_id_ok
 from elastic_ckpt.errors import CheckpointCorruptError, StorageError
 from elastic_ckpt.storage import Storage
+from elastic_ckpt.storage.fs import retrying
 
 
 @dataclasses.dataclass
@@ -61,7 +62,22 @@ class ReadStats:
         return self.bytes_read / needed if needed else 1.0
 
 
+def check_inside(directory: Storage, name: str) -> None:
+    """Refuse a file of a local checkpoint directory that is a symlink leading out of it: a
+    checkpoint only ever reads its own files (``CheckpointCorruptError``)."""
+    if not directory.is_local:
+        return
+    real = os.path.realpath(directory.path(name))
+    base = os.path.realpath(directory.path())
+    if os.path.commonpath([real, base]) != base:
+        raise CheckpointCorruptError(
+            f"{directory.uri_of(name)} is a link to {real}, outside the checkpoint directory; "
+            "a checkpoint only reads its own files. Replace it with the real file or load "
+            "an older checkpoint.", file=name)
+
+
 def read_manifest(directory: Storage) -> Manifest:
+    check_inside(directory, MANIFEST_FILE)
     try:
         data = directory.read_bytes(MANIFEST_FILE)
     except StorageError as exc:
@@ -95,6 +111,8 @@ class ChunkReader:
         self.directory = directory
         self.manifest = manifest
         self.block_size = manifest.block_size_bytes
+        for name in {c.file for t in manifest.tensors.values() for c in t.chunks}:
+            check_inside(directory, name)
 
     def read_range(self, fqn: str, chunk: ChunkEntry, start: int, dest) -> int:
         """Fill ``dest`` (a writable buffer) with bytes ``[start, start + len(dest))`` of the
@@ -104,13 +122,23 @@ class ChunkReader:
         lo, hi = checksum.block_span(start, stop, chunk.byte_length, self.block_size)
         head, tail = bytearray(start - lo), bytearray(hi - stop)
         segments = [(lo, memoryview(head)), (start, view), (stop, memoryview(tail))]
-        try:
+        def read() -> None:
             with self.directory.open_read(chunk.file) as f:
                 for seg_start, buf in segments:
                     if len(buf) and f.read_into(chunk.byte_offset + seg_start, buf) != len(buf):
                         raise self._truncated(fqn, chunk, seg_start, len(buf))
+
+        try:
+            retrying(f"reading tensor {fqn!r} from {self.directory.uri_of(chunk.file)}", read,
+                     remote=not self.directory.is_local)
         except StorageError as exc:
-            what = "is missing" if getattr(exc, "missing", False) else f"cannot be read ({exc})"
+            missing = getattr(exc, "missing", False)
+            if not missing and not self.directory.is_local:  # an outage: not corruption
+                raise StorageError(
+                    f"{exc.message}; it holds tensor {fqn!r} (chunk at offsets "
+                    f"{list(chunk.offsets)}). The checkpoint may be intact: retry once the "
+                    "storage is reachable.", **exc.details) from exc
+            what = "is missing" if missing else f"cannot be read ({exc})"
             raise CheckpointCorruptError(
                 f"{self.directory.uri_of(chunk.file)} {what}; it holds tensor {fqn!r} "
                 f"(chunk at offsets {list(chunk.offsets)}). Load an older checkpoint.",

@@ -53,9 +53,11 @@ class ScalingConfig(_Section):
     actor_start_timeout_s: float = Field(180.0, gt=0)
     """How long a new worker process may take to start (imports, dataset) before the start
     counts as a failure."""
-    process_group_timeout_s: float = Field(600.0, gt=0)
+    process_group_timeout_s: float | None = Field(None, gt=0)
     """Timeout of the training process group's collectives: a rank that stops answering
-    (hung, not dead) fails its peers' collectives after this long."""
+    (hung, not dead) fails its peers' collectives after this long. None: the larger of
+    ``failure.step_timeout_s`` and ``failure.first_step_timeout_s`` (600 s when both are
+    off), so no collective gives up before the hang watchdog would."""
     stop_timeout_s: float = Field(600.0, gt=0)
     """How long the ranks may take to stop at a step boundary and commit their checkpoint
     for a resize (a drain's own deadline wins when it is sooner)."""
@@ -118,6 +120,11 @@ class CheckpointConfig(_Section):
     of the shard over the network per snapshot."""
     memory_interval_steps: PositiveInt = 1
     """With ``memory_tier``: snapshot every this many steps."""
+    lease_timeout_s: float | None = Field(60.0, gt=0)
+    """One writer per root: ``fit()`` takes a lease object in ``uri`` (``.lease``: job,
+    host, pid, heartbeat every quarter of this) and a second job on the same ``uri`` is
+    refused naming it. A lease not renewed for this long (or whose process on the same host
+    is gone) is taken over, logged. None: no lease."""
     max_failed_saves: PositiveInt = 3
     """Consecutive failed saves (ENOSPC, an object-store error) the run tolerates, each a
     warning, before it fails naming the cause and the last committed checkpoint."""
@@ -234,6 +241,15 @@ class ParallelConfig(_Section):
 class FailureConfig(_Section):
     max_failures: int | None = Field(3, ge=0)
     """Crashes tolerated before ``fit()`` raises (preemptions don't count; None: unlimited)."""
+    step_timeout_s: float | None = Field(600.0, gt=0)
+    """The hang watchdog: when no rank reports progress (a step, an eval, a checkpoint) for
+    this long, the group is declared hung. The ranks whose process no longer answers (all of
+    them when every process answers) are SIGKILLed, never waited for, and training restarts
+    from the latest checkpoint; it counts as a failure. Must exceed the longest step, eval or
+    blocking save. None: no watchdog after the first step."""
+    first_step_timeout_s: float | None = Field(1800.0, gt=0)
+    """The watchdog's limit before a group's first step: build, restore, compilation and
+    warm-up. None: no limit."""
     survivor_timeout_s: float = Field(10.0, ge=0)
     """After a worker or node dies, how long the other workers get to leave the broken group
     (their collectives fail) before they are killed too. Those that leave in time keep their
@@ -360,6 +376,16 @@ class TrainConfig(_Section):
         if self.mixed_precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("mixed_precision='bf16' needs scaling.use_gpu=true")
         return self
+
+    @property
+    def process_group_timeout_s(self) -> float:
+        """The collectives' timeout the ranks get (``scaling.process_group_timeout_s``, or
+        the watchdog's larger limit, or 600 s)."""
+        if self.scaling.process_group_timeout_s is not None:
+            return self.scaling.process_group_timeout_s
+        limits = [t for t in (self.failure.step_timeout_s, self.failure.first_step_timeout_s)
+                  if t is not None]
+        return max(limits) if limits else 600.0
 
     def _check_tokens(self, where: str, ds: SyntheticDatasetConfig) -> None:
         """A synthetic dataset's tokens must fit the model's vocabulary and positions."""

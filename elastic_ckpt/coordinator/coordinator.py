@@ -52,6 +52,7 @@ from elastic_ckpt.coordinator.state import (
     check_transition,
 )
 from elastic_ckpt.coordinator.telemetry import RunTelemetry
+from elastic_ckpt.coordinator.watchdog import Hang, HangWatchdog
 from elastic_ckpt.coordinator.worker_group import (
     GroupPoll,
     PlacementTimeout,
@@ -73,7 +74,8 @@ POLL_INTERVAL_S = 0.1
 REPORT_GRACE_S = 2.0
 
 
-_PEER_LOST = (FailureKind.WORKER_DIED, FailureKind.NODE_DIED, FailureKind.PREEMPTED)
+_PEER_LOST = (FailureKind.WORKER_DIED, FailureKind.NODE_DIED, FailureKind.PREEMPTED,
+              FailureKind.HANG)
 """Failures after which the other workers' processes are kept (their errors are collateral)."""
 
 
@@ -101,7 +103,7 @@ class Coordinator:
         self.group = WorkerGroup(job, s.bundle, s.placement_strategy, s.use_gpu,
                                  sink=_current_actor(),
                                  actor_start_timeout_s=s.actor_start_timeout_s,
-                                 process_group_timeout_s=s.process_group_timeout_s)
+                                 process_group_timeout_s=config.process_group_timeout_s)
         self.capacity = CapacityMonitor(cluster or ClusterView(), s.bundle, self.group)
         self.timeline = Timeline(os.path.join(config.run_dir, "events.jsonl")
                                  if config.run_dir else None)
@@ -113,6 +115,8 @@ class Coordinator:
         self._last_healthy = time.time()
         self._resumed_s: float | None = None  # when the current group made its first step
         self._last_failure: Failure | None = None
+        f = config.failure
+        self.watchdog = HangWatchdog(f.step_timeout_s, f.first_step_timeout_s)
 
     # -- public (Ray actor methods) ---------------------------------------------------------
     def run(self) -> CoordinatorResult:
@@ -189,6 +193,7 @@ class Coordinator:
             started = self.group.start_placed()
             event.phases[Phase.ACTORS] = time.time() - t1
             self.group.launch()
+            self.watchdog.start(time.time())
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
             self.group.shutdown()
             return Recovering(Failure(FailureKind.WORKER_DIED, f"starting the group: {exc}"),
@@ -208,6 +213,9 @@ class Coordinator:
         if poll.finished:
             self._await_reports(poll, state.event, state.started_s)
             return Finished()
+        hang = self.watchdog.check(time.time())
+        if hang is not None:
+            return self._on_hang(hang)
         obs = self.capacity.observation(last_resize_s=self._resumed_s)
         decision = self.scaling.decide(obs)
         self._tend_spares(obs)
@@ -320,14 +328,34 @@ class Coordinator:
                        key=lambda rw: (not self.capacity.draining(rw[1].node_id), -rw[0]))
         return [w for _, w in order[:n]]
 
-    def _on_failure(self, failure: Failure) -> State:
+    def _on_hang(self, hang: Hang) -> State:
+        """The group made no progress for longer than the watchdog allows: SIGKILL the
+        processes of the ranks that no longer answer (every rank's when all answer: a
+        deadlock in the training code), never waiting on their collectives. The others'
+        collectives then fail and they are kept as after a worker death."""
+        self.watchdog.stop()
+        stuck = self.group.unresponsive()
+        everyone = not stuck
+        ranks = list(range(self.group.size)) if everyone else stuck
+        self.group.sigkill(ranks)
+        what = ("the first step" if hang.first_step else
+                f"a step after step {self.record.last_step}")
+        who = (f"every rank answered, so all were killed: rank(s) {ranks}" if everyone else
+               f"rank(s) {ranks} stopped responding and were killed (SIGKILL)")
+        failure = Failure(FailureKind.HANG,
+                          f"the group hung: no progress for {hang.seconds:.1f} s waiting for "
+                          f"{what} ({hang.setting}={hang.limit_s:g}); {who}")
+        return self._on_failure(failure, detect_s=hang.seconds)
+
+    def _on_failure(self, failure: Failure, detect_s: float | None = None) -> State:
         if failure.kind in (FailureKind.WORKER_DIED, FailureKind.NODE_DIED) and \
                 self.capacity.draining_workers():
             failure = dataclasses.replace(failure, kind=FailureKind.PREEMPTED)
         return Recovering(failure, ScalingEvent(
             "failure", failure.message, from_workers=self.group.size,
             at_step=self.record.last_step,
-            phases={Phase.DETECT: time.time() - self._last_healthy}))
+            phases={Phase.DETECT: time.time() - self._last_healthy if detect_s is None
+                    else detect_s}))
 
     def _ingest(self, poll: GroupPoll, state: Running) -> Running:
         """Fold the ranks' reports into the run record and the pending event's phases.
@@ -336,6 +364,7 @@ class Coordinator:
             self._last_healthy = time.time()
         event = state.event
         for rank, kind, payload in self.inbox.take(self.group.generation):
+            self.watchdog.progress(time.time(), step=kind == "step")
             if kind == "event":
                 self._on_rank_event(rank, payload, event)
             elif kind == "step":

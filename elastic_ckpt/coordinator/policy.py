@@ -97,6 +97,9 @@ class FailureKind(enum.Enum):
     """A node hosting workers disappeared without notice."""
     PREEMPTED = "preempted"
     """A node hosting workers was drained or preempted; not counted against max_failures."""
+    HANG = "hang"
+    """No rank reported progress for ``failure.step_timeout_s`` (the hang watchdog); the
+    stuck ranks' processes were killed."""
     TRAINING_ERROR = "training_error"
     """The training code raised an exception."""
     FATAL = "fatal"

@@ -5,6 +5,8 @@ It carries decisions out; it makes none."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import time
 from typing import Any
 
@@ -15,7 +17,10 @@ from ray.util.placement_group import (
     placement_group_table,
     remove_placement_group,
 )
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 from elastic_ckpt.coordinator.policy import Failure, FailureKind
 from elastic_ckpt.coordinator.worker import TrainWorker
@@ -296,6 +301,36 @@ class WorkerGroup:
         self.release(gone)
         return gone
 
+    def unresponsive(self, timeout_s: float = _PING_TIMEOUT_S) -> list[int]:
+        """The ranks whose process does not answer a ping within ``timeout_s`` (stopped,
+        or wedged so that the actor's other threads cannot run either)."""
+        pings = [w.actor.identity.remote() for w in self.workers]
+        deadline = time.monotonic() + timeout_s
+        stuck = []
+        for rank, ref in enumerate(pings):
+            try:
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except (RayError, GetTimeoutError):
+                stuck.append(rank)
+        return stuck
+
+    def sigkill(self, ranks: list[int], timeout_s: float = _PING_TIMEOUT_S) -> None:
+        """SIGKILL the processes of these ranks where they run (a task pinned to the node:
+        a stopped process handles no request, so ``ray.kill`` alone may never land). They
+        stay members until the failure's ``keep_survivors`` finds them gone."""
+        workers = [self.workers[r] for r in ranks]
+        refs = [_sigkill.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            w.node_id, soft=False)).remote(w.pid) for w in workers if w.node_id and w.pid]
+        try:
+            ray.get(refs, timeout=timeout_s)
+        except (RayError, GetTimeoutError):
+            pass  # its node is gone too, or the kill below lands
+        for w in workers:
+            try:
+                ray.kill(w.actor, no_restart=True)
+            except Exception:
+                pass
+
     def release(self, workers: list[Worker]) -> None:
         """Kill these workers at once (never wait on a collective) and free their bundles."""
         _kill(workers)
@@ -340,6 +375,14 @@ def _without(workers: list[Worker], removed: list[Worker]) -> list[Worker]:
     """``workers`` minus ``removed``, by identity (two workers may hold equal fields)."""
     ids = {id(w) for w in removed}
     return [w for w in workers if id(w) not in ids]
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _sigkill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _kill(workers: list[Worker]) -> None:

@@ -3,20 +3,28 @@
 Local paths take a fast, durable path (``os.pwritev``/``os.preadv`` straight from/into caller
 buffers, ``fsync`` of files and directories, atomic ``rename``). Every other URI goes through
 ``pyarrow.fs`` (S3, GCS, HDFS, ...), where an object becomes visible atomically when its
-stream is closed, so "write then rename" degrades to "write".
+stream is closed, so "write then rename" degrades to "write". Reads from object stores are
+retried with backoff a bounded number of times (``retrying``); writes are not (a save that
+fails is reported and the next one tries again).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import stat
+import time
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pyarrow.fs as pafs
 
 from elastic_ckpt.errors import StorageError
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 _LOCAL_SCHEMES = ("file://",)
 
 
@@ -38,6 +46,34 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         raise StorageError(
             f"cannot open storage URI {uri!r}: {exc}. Check the scheme and credentials.", uri=uri
         ) from exc
+
+
+READ_ATTEMPTS = 4
+"""Object stores: a read (stat, list, read) that fails, other than for a missing file, is
+tried this many times in all, waiting ``READ_BACKOFF_S`` and then twice as long each time
+(0.5 + 1 + 2 s), each retry logged; the last error says how many attempts were made."""
+READ_BACKOFF_S = 0.5
+
+
+def retrying(what: str, fn: Callable[[], T], remote: bool = True) -> T:
+    """``fn()``, retried with backoff on a ``StorageError`` that is not a missing file when
+    ``remote`` (an object store: outages are transient there; a local error is not retried).
+    ``what`` names the read in the log lines."""
+    attempts = READ_ATTEMPTS if remote else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except StorageError as exc:
+            if getattr(exc, "missing", False) or attempt == attempts:
+                if attempt == 1:
+                    raise
+                raise StorageError(f"{exc.message} (after {attempt} attempts)",
+                                   **exc.details) from exc
+            delay = READ_BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("%s failed (attempt %d of %d): %s; retrying in %.1f s", what, attempt,
+                        attempts, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def join_uri(uri: str, *parts: str) -> str:
@@ -106,6 +142,10 @@ class Storage:
 
     def listdir(self, name: str = "") -> list[tuple[str, bool]]:
         """``(entry name, is_dir)`` for each direct child, sorted by name; [] if absent."""
+        return retrying(f"listing {self.uri_of(name)}", lambda: self._listdir(name),
+                        remote=not self.is_local)
+
+    def _listdir(self, name: str) -> list[tuple[str, bool]]:
         try:
             if self.is_local:
                 with os.scandir(self.path(name)) as it:
@@ -123,6 +163,9 @@ class Storage:
         return sorted(entries)
 
     def _info(self, name: str) -> pafs.FileInfo:
+        return retrying(f"stat of {self.uri_of(name)}", lambda: self._info_once(name))
+
+    def _info_once(self, name: str) -> pafs.FileInfo:
         try:
             return self.fs.get_file_info(self.path(name))
         except OSError as exc:
@@ -226,6 +269,10 @@ class Storage:
 
     # -- reads ------------------------------------------------------------------------------
     def read_bytes(self, name: str) -> bytes:
+        return retrying(f"reading {self.uri_of(name)}", lambda: self._read_bytes(name),
+                        remote=not self.is_local)
+
+    def _read_bytes(self, name: str) -> bytes:
         try:
             if self.is_local:
                 with open(self.path(name), "rb") as f:
@@ -246,6 +293,10 @@ class Storage:
             raise self._error("open", name, exc) from exc
         try:
             yield reader
+        except OSError as exc:  # a read that failed (EIO, a directory where a file was)
+            if isinstance(exc, StorageError):
+                raise
+            raise self._error("read", name, exc) from exc
         finally:
             reader.close()
 
@@ -334,6 +385,9 @@ class _ArrowWriter:
 class _LocalReader:
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY)
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", path)
 
     def read_into(self, offset: int, buf) -> int:
         """Fill ``buf`` from ``offset``; returns the bytes read (short only at end of file)."""

@@ -16,6 +16,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from elastic_ckpt.checkpoint import CheckpointInfo
+from elastic_ckpt.checkpoint.lease import LeaseKeeper, RootLease
 from elastic_ckpt.checkpoint.manager import latest_or_reason
 from elastic_ckpt.config import TrainConfig, validate_config
 from elastic_ckpt.coordinator import Coordinator, ScalingEvent
@@ -130,12 +131,30 @@ class ElasticTrainer:
         naming the field). Raises ``TrainingFailedError`` (the last committed checkpoint stays
         intact)."""
         self.preflight = preflight(self.config, self.job.dataset, self.job.eval_dataset)
+        # Named, so an operator finds it in `ray list actors`, the dashboard and the lease.
+        self.coordinator_name = f"elastic_ckpt-coordinator-{uuid.uuid4().hex[:8]}"
+        keeper = self._take_lease()
+        try:
+            return self._fit(keeper)
+        finally:
+            if keeper is not None:
+                keeper.stop()
+
+    def _take_lease(self) -> LeaseKeeper | None:
+        """One writer per checkpoint root (``checkpoint.lease_timeout_s``): refused, naming
+        the other job, before anything starts."""
+        timeout = self.config.checkpoint.lease_timeout_s
+        if timeout is None:
+            return None
+        lease = RootLease(self.config.checkpoint.uri, self.coordinator_name, timeout)
+        lease.acquire()
+        return LeaseKeeper(lease).start()
+
+    def _fit(self, keeper: LeaseKeeper | None) -> Result:
         self.ray_session = connect(self.ray_address)
         self._say(self.ray_session.describe())
         self._say(self.preflight.describe())
         here = ray.get_runtime_context().get_node_id()
-        # Named, so an operator finds it in `ray list actors` and the dashboard.
-        self.coordinator_name = f"elastic_ckpt-coordinator-{uuid.uuid4().hex[:8]}"
         coordinator = ray.remote(Coordinator).options(
             name=self.coordinator_name, num_cpus=0, max_concurrency=4, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
@@ -145,6 +164,8 @@ class ElasticTrainer:
             run = coordinator.run.remote()
             while not ray.wait([run], timeout=0.5)[0]:
                 self._show(ray.get(coordinator.progress.remote()))
+                if keeper is not None and keeper.lost is not None:
+                    raise TrainingFailedError(str(keeper.lost))  # the finally kills the run
             self._show(ray.get(coordinator.progress.remote()))
             out = ray.get(run)
         except ray.exceptions.RayError as exc:
