@@ -117,7 +117,7 @@ def export_checkpoint(checkpoint_uri: str, output_uri: str, format: ExportFormat
         raise CheckpointError(f"{parent.uri_of(filename)} already exists; pass --overwrite "
                               "to replace it or choose another output path", path=output_uri)
     parent.makedirs()
-    reader = ChunkReader(directory, manifest)
+    reader = ChunkReader(directory, manifest, check_extents=True)
     with parent.open_write(filename) as out:
         if format == "safetensors":
             write_safetensors(out, reader, names, header, num_threads=num_threads)

@@ -223,8 +223,8 @@ def export_hf(checkpoint_uri: str, output_uri: str, prefix: str = HF_DEFAULT_PRE
                for f, shard in files.items()}
     config = _config_json(record)
     out = _prepare_output(Storage(output_uri), overwrite, config is not None)
-    written = _write_files(out, ChunkReader(directory, manifest), files, names, headers,
-                           config, num_threads)
+    reader = ChunkReader(directory, manifest, check_extents=True)
+    written = _write_files(out, reader, files, names, headers, config, num_threads)
     return HFExportReport(
         checkpoint_uri=directory.uri, output_uri=out.uri, step=manifest.step, format=HF_FORMAT,
         num_tensors=len(names),

@@ -107,12 +107,28 @@ class ChunkReader:
     """Verified ranged reads of chunks from one checkpoint directory (not DCP-specific; also
     used by ``verify`` and ``export``). Thread-safe."""
 
-    def __init__(self, directory: Storage, manifest: Manifest) -> None:
+    def __init__(self, directory: Storage, manifest: Manifest, *,
+                 check_extents: bool = False) -> None:
         self.directory = directory
         self.manifest = manifest
         self.block_size = manifest.block_size_bytes
         for name in {c.file for t in manifest.tensors.values() for c in t.chunks}:
             check_inside(directory, name)
+        if check_extents:
+            self._check_extents()
+
+    def _check_extents(self) -> None:
+        """Every file holds the bytes its chunks declare: checked (one stat per file) before
+        a reader that allocates buffers of declared sizes (``verify``, ``export``) starts,
+        so a manifest cannot make it allocate more than the files hold."""
+        sizes: dict[str, int | None] = {}
+        for fqn, t in self.manifest.tensors.items():
+            for c in t.chunks:
+                if c.file not in sizes:
+                    sizes[c.file] = self.directory.size(c.file)
+                size = sizes[c.file]  # None: missing, reported when it is read
+                if size is not None and c.byte_offset + c.byte_length > size:
+                    raise self._truncated(fqn, c, 0, c.byte_length)
 
     def read_range(self, fqn: str, chunk: ChunkEntry, start: int, dest) -> int:
         """Fill ``dest`` (a writable buffer) with bytes ``[start, start + len(dest))`` of the

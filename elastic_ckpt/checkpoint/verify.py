@@ -31,7 +31,7 @@ def verify(checkpoint_uri: str) -> VerifyReport:
     first bad byte, truncated or missing file, or an invalid manifest.
     """
     directory, manifest = open_checkpoint(Storage(checkpoint_uri))
-    chunks = ChunkReader(directory, manifest)
+    chunks = ChunkReader(directory, manifest, check_extents=True)
     checked = num_chunks = 0
     # Large chunks are read in pieces so memory stays bounded; pieces align to blocks.
     piece = max(manifest.block_size_bytes,

@@ -1,0 +1,282 @@
+"""The chaos soak: a seeded random schedule of faults against one elastic run on a loopback
+``ray.cluster_utils.Cluster``, which must end equal to the fixed-size reference run (exact
+sample ledger, per-step loss rtol 1e-5, final parameters atol 1e-6).
+
+Faults (``FAULTS``), one every ``every`` seconds (uniform): SIGKILL a worker process, remove a
+node, add a node, drain a node with a 20 s deadline (then remove it), SIGSTOP a worker (the
+hang watchdog must find and kill it), corrupt the latest committed checkpoint, fill the
+checkpoint disk (a tmpfs) for 15 s. Each is recorded with the seconds until training got past
+the step it was at and the steps it had to redo; goodput is the step time of the steps in the
+final history over the run's wall time.
+
+``benchmarks/chaos.py`` is the command line (10 minutes); ``tests/test_chaos.py`` runs 2
+minutes with 4 faults in the default suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from elastic_ckpt import CheckpointManager
+
+FAULTS = ("kill_worker", "remove_node", "add_node", "drain", "sigstop_worker",
+          "corrupt_latest", "fill_disk")
+STEP_S = 0.5
+"""About how long a step takes here (the ``slow`` fault marker paces the steps)."""
+MAX_NODES = 4
+
+
+def schedule(seed: int, seconds: float, every: tuple[float, float], count: int | None = None,
+             kinds: tuple[str, ...] = FAULTS) -> list[tuple[float, str]]:
+    """Pure: ``(seconds after the start, fault)``, one every ``every`` seconds (uniform), the
+    first after one interval; ``count`` faults, or as many as fit in ``seconds``. Every kind
+    comes once before any comes twice (shuffled rounds), so a short soak still mixes them."""
+    rng = random.Random(seed)
+    out, t, pool = [], 0.0, []
+    while count is None or len(out) < count:
+        t += rng.uniform(*every)
+        if count is None and t > seconds:
+            break
+        if not pool:
+            pool = list(kinds)
+            rng.shuffle(pool)
+        out.append((round(t, 1), pool.pop()))
+    return out
+
+
+@dataclasses.dataclass
+class FaultRecord:
+    at_s: float
+    kind: str
+    detail: str
+    at_step: int
+    recovered_s: float | None = None
+    """Seconds from the fault until a step past ``at_step`` was reported."""
+    steps_redone: int = 0
+    """Steps that had completed before the fault and ran again (restored from older state)."""
+    first_report: int = 0
+    """How many step reports had arrived when the fault was injected."""
+
+
+@dataclasses.dataclass
+class SoakReport:
+    faults: list[FaultRecord]
+    wall_s: float
+    useful_s: float
+    final_step: int
+    result: Any
+
+    @property
+    def goodput(self) -> float:
+        return self.useful_s / self.wall_s if self.wall_s else 0.0
+
+    def table(self) -> str:
+        rows = ["| at s | fault | detail | at step | recovery s | steps redone |",
+                "|---|---|---|---|---|---|"]
+        for f in self.faults:
+            rec = "n/a" if f.recovered_s is None else f"{f.recovered_s:.1f}"
+            rows.append(f"| {f.at_s:.0f} | {f.kind} | {f.detail} | {f.at_step} | {rec} | "
+                        f"{f.steps_redone} |")
+        return "\n".join(rows)
+
+
+def worker_pids() -> list[int]:
+    """The TrainWorker processes on this machine (Ray titles them ``ray::TrainWorker...``)."""
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or ())
+        if cmd.startswith("ray::TrainWorker"):
+            out.append(proc.pid)
+    return sorted(out)
+
+
+class Soak:
+    """One soak: ``run(cluster, start_run)`` with a loopback cluster already up (main thread)
+    and a callable that starts the elastic run (a ``ray_jobs.Run``) on it."""
+
+    def __init__(self, plan: list[tuple[float, str]], ckpt_root: Path, disk: Path,
+                 seed: int, log: Callable[[str], None] = print) -> None:
+        self.plan = plan
+        self.ckpt_root = ckpt_root
+        self.disk = disk
+        self.rng = random.Random(seed + 1)
+        self.log = log
+        self.records: list[FaultRecord] = []
+        self._later: list[tuple[float, Callable[[], None]]] = []  # follow-ups (undrain, ...)
+        self._stopped: list[int] = []
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, cluster: Any, run: Any) -> SoakReport:
+        self.cluster = cluster
+        self._t0 = t0 = time.monotonic()
+        plan = list(self.plan)
+        while run.thread.is_alive():
+            now = time.monotonic() - t0
+            for when, action in [x for x in self._later if x[0] <= now]:
+                self._later.remove((when, action))
+                action()
+            if plan and plan[0][0] <= now:
+                _, kind = plan.pop(0)
+                self._inject(kind, now, run)
+            self._track(run, now)
+            time.sleep(0.2)
+        wall = time.monotonic() - t0
+        for _, action in self._later:  # the run ended first: undo what is still pending
+            action()
+        self._cleanup()
+        result = run.join(0)
+        self._track(run, wall)
+        useful = sum(m.step_time_s for m in result.history)
+        return SoakReport(self.records, wall, useful, result.final_step, result)
+
+    def _inject(self, kind: str, now: float, run: Any) -> None:
+        step = max((m.step for m in run.steps), default=0)
+        detail = getattr(self, f"_{kind}")()
+        if detail is None:
+            return
+        self.log(f"[{now:6.1f} s] fault {kind}: {detail} (at step {step})")
+        self.records.append(FaultRecord(round(now, 1), kind, detail, step,
+                                        first_report=len(run.steps)))
+
+    def _track(self, run: Any, now: float) -> None:
+        """Fill in each fault's recovery (at this poll's resolution, 0.2 s): the first step
+        past ``at_step`` reported after the fault, and the lowest step reported in between
+        (the restore point)."""
+        for rec in self.records:
+            if rec.recovered_s is not None:
+                continue
+            after = run.steps[rec.first_report:]
+            past = next((j for j, m in enumerate(after) if m.step > rec.at_step), None)
+            if past is None:
+                continue
+            rec.recovered_s = round(now - rec.at_s, 1)
+            low = min(m.step for m in after[:past + 1])
+            rec.steps_redone = max(0, rec.at_step - low + 1)
+
+    # -- faults (each returns what it did, or None when it does not apply now) ---------------
+    def _kill_worker(self) -> str | None:
+        pids = worker_pids()
+        if not pids:
+            return None
+        pid = self.rng.choice(pids)
+        os.kill(pid, signal.SIGKILL)
+        return f"SIGKILL pid {pid}"
+
+    def _sigstop_worker(self) -> str | None:
+        pids = [p for p in worker_pids() if p not in self._stopped]
+        if not pids:
+            return None
+        pid = self.rng.choice(pids)
+        os.kill(pid, signal.SIGSTOP)
+        self._stopped.append(pid)
+        return f"SIGSTOP pid {pid}"
+
+    def _worker_nodes(self) -> list[Any]:
+        return sorted(self.cluster.worker_nodes, key=lambda n: n.node_id)
+
+    def _remove_node(self) -> str | None:
+        nodes = self._worker_nodes()
+        if len(nodes) <= 1:
+            return self._add_node()
+        node = self.rng.choice(nodes)
+        self.cluster.remove_node(node)
+        return f"removed node {node.node_id[:8]}"
+
+    def _add_node(self) -> str | None:
+        if len(self._worker_nodes()) >= MAX_NODES:
+            return None
+        node = self.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        return f"added node {node.node_id[:8]}"
+
+    def _drain(self) -> str | None:
+        nodes = self._worker_nodes()
+        if len(nodes) <= 1:
+            return None
+        node = self.rng.choice(nodes)
+        subprocess.run(["ray", "drain-node", "--address", self.cluster.address, "--node-id",
+                        node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                        "--reason-message", "chaos soak", "--deadline-remaining-seconds", "20"],
+                       check=True, timeout=60, capture_output=True)
+
+        def remove() -> None:
+            if node in self.cluster.worker_nodes:
+                self.cluster.remove_node(node)
+                self._add_node()  # the spot node is replaced by another
+
+        self._later.append((self._now() + 20, remove))
+        return f"drained node {node.node_id[:8]} (deadline 20 s, then removed and replaced)"
+
+    def _corrupt_latest(self) -> str | None:
+        latest = CheckpointManager(str(self.ckpt_root)).latest()
+        if latest is None:
+            return None
+        path = Path(latest.uri) / "rank-00000.bin"
+        if not path.exists():
+            return None
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        return f"flipped a byte of step {latest.step}'s rank-00000.bin"
+
+    def _fill_disk(self) -> str | None:
+        filler = self.disk / "filler"
+        try:
+            with open(filler, "wb") as f:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+        except OSError:
+            pass
+        self._later.append((self._now() + 15, lambda: filler.unlink(missing_ok=True)))
+        return "filled the checkpoint disk for 15 s"
+
+    def _now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _cleanup(self) -> None:
+        for pid in self._stopped:  # stopped processes the watchdog did not get to
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def soak(tmp: Path, minutes: float, seed: int, count: int | None = None,
+         every: tuple[float, float] = (30.0, 60.0), nodes: int = 2,
+         log: Callable[[str], None] = print) -> SoakReport:
+    """The whole soak: a tmpfs checkpoint disk, the fixed-size reference run, the loopback
+    cluster, the elastic run under the fault schedule, then the equivalence checks (raise
+    ``AssertionError`` on a mismatch). Everything it started is stopped and unmounted."""
+    from mounts import tmpfs
+    from ray_jobs import Faults, Run, loopback_cluster, tiny_config, trainer_kwargs
+    from test_elastic_ray import check_exact_training, reference_losses
+
+    with tmpfs(tmp / "disk", "size=64m") as disk:
+        config = tiny_config(
+            disk, max_steps=int(minutes * 60 / STEP_S), checkpoint__interval_steps=5,
+            checkpoint__memory_tier=True, checkpoint__max_failed_saves=1000,
+            scaling__max_workers=3, scaling__capacity_timeout_s=600,
+            failure__max_failures=None, failure__step_timeout_s=10,
+            failure__first_step_timeout_s=120)
+        ref = reference_losses(config, disk)
+        faults = Faults(tmp / "faults")
+        faults.set("slow")  # paces the steps (~STEP_S): the soak is about wall time
+        plan = schedule(seed, minutes * 60, every, count)
+        log(f"chaos soak: seed {seed}, {len(plan)} faults planned over "
+            f"{plan[-1][0] if plan else 0:.0f} s: " + ", ".join(k for _, k in plan))
+        with loopback_cluster(num_nodes=nodes) as cluster:
+            run = Run(**trainer_kwargs(config, faults))
+            report = Soak(plan, Path(config.checkpoint.uri), disk, seed, log).run(cluster, run)
+        check_exact_training(report.result, config, ref)
+    return report
