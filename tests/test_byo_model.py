@@ -110,6 +110,7 @@ def _meta_init(rank: int, world_size: int) -> dict | None:
     return out if rank == 0 else None
 
 
+@pytest.mark.slow  # ~50 s; the resize equivalence tests start meta models at W=1, 2, 3
 @pytest.mark.timeout(240)
 def test_meta_models_start_bit_identical_at_every_world_size():
     by_w = {w: run_ranks(w, _meta_init)[0] for w in (1, 2, 3, 4)}

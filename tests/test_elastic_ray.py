@@ -73,10 +73,12 @@ def check_exact_training(result, config, ref: dict[int, float]) -> None:
         if fqn.endswith(".qkv.bias"):
             # Softmax is shift-invariant per query, so the key bias gets no gradient: Adam
             # turns its rounding noise (set by the reduction order at each world size) into
-            # steps far larger than the noise. It stays noise in both runs (|value| ~ 2e-5);
+            # steps far larger than the noise, a random walk (2e-5 after 24 steps, 1e-3
+            # after 240). It is only checked to stay within Adam's step bound (lr per step);
             # the query and value biases are compared like every other parameter.
             (q, k, v), (eq, ek, ev) = value.chunk(3), expected.chunk(3)
-            assert k.abs().max() < 1e-4 and ek.abs().max() < 1e-4, fqn
+            bound = config.optim.lr * config.max_steps
+            assert k.abs().max() <= bound and ek.abs().max() <= bound, fqn
             value, expected = torch.cat([q, v]), torch.cat([eq, ev])
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=fqn)
 
@@ -176,6 +178,8 @@ def test_drain_checkpoints_before_deadline(tmp_path):
     check_exact_training(result, config, ref)
 
 
+@pytest.mark.slow  # ~40 s; the chaos soak SIGKILLs workers mid-step, and crashes inside a
+# save are covered at the checkpoint layer (test_checkpoint_faults, test_async_save)
 def test_worker_crash_mid_step_and_during_save(tmp_path):
     config = tiny_config(tmp_path, max_steps=32, scaling__max_workers=2,
                          failure__max_failures=2)

@@ -1,7 +1,7 @@
 """``ray`` fault tests of what large clusters suffer most (issue 12's matrix), on a loopback
 ``ray.cluster_utils.Cluster`` or a ``ray start`` head, checked against the fixed-size reference
-run where training completes: a hung rank, a drain deadline shorter than the save, a second
-job on the same checkpoint root, the driver killed."""
+run where training completes: a hung rank, a drain deadline shorter than the save, the driver
+killed."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from ray_head import ray_cli, ray_head
 from ray_jobs import Faults, Run, loopback_cluster, tiny_config, trainer_kwargs, wait_for
 from test_elastic_ray import check_exact_training, reference_losses
 
-from elastic_ckpt import CheckpointLeaseError, CheckpointManager, ElasticTrainer, verify
-from elastic_ckpt.checkpoint.lease import LEASE_FILE
+from elastic_ckpt import CheckpointManager, verify
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,10 +51,12 @@ def test_a_stopped_rank_is_detected_killed_and_training_resumes(tmp_path):
     check_exact_training(result, config, ref)
 
 
+@pytest.mark.slow  # ~35 s; the chaos soak drains nodes in the default suite
 def test_a_drain_deadline_shorter_than_the_save_falls_back_to_the_last_commit(tmp_path):
-    """The stop checkpoint of a drain takes longer than the drain's deadline: the group is
-    given up at the deadline, nothing torn is committed, and training resumes from the
-    previous committed checkpoint at the size that is left, losing only the steps since."""
+    """The stop checkpoint of a drain takes longer than the drain's deadline, at which the
+    node is taken away mid-save: the group is given up at the deadline, nothing torn is
+    committed, and training resumes from the previous committed checkpoint at the size that
+    is left, losing only the steps since."""
     config = tiny_config(tmp_path, max_steps=24, scaling__max_workers=2,
                          checkpoint__async_save=False)
     ref = reference_losses(config, tmp_path)
@@ -69,6 +70,8 @@ def test_a_drain_deadline_shorter_than_the_save_falls_back_to_the_last_commit(tm
                         "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
                         "--reason-message", "spot preemption (test)",
                         "--deadline-remaining-seconds", "2"], check=True, timeout=60)
+        time.sleep(2.5)
+        cluster.remove_node(node)  # the deadline passes: the cloud takes the node away
         wait_for(lambda: any(m.world_size == 1 for m in run.steps), 180, "training at 1")
         faults.clear("slow-save")
         result = run.join()
@@ -84,24 +87,7 @@ def test_a_drain_deadline_shorter_than_the_save_falls_back_to_the_last_commit(tm
     check_exact_training(result, config, ref)
 
 
-def test_a_second_job_on_the_same_root_is_refused_naming_the_first(tmp_path):
-    config = tiny_config(tmp_path, max_steps=40, scaling__max_workers=1)
-    faults = Faults(tmp_path / "faults")
-    with loopback_cluster(num_nodes=1):
-        faults.set("slow")
-        run = Run(**trainer_kwargs(config, faults))
-        wait_for(lambda: run.reached(2, world_size=1), 180, "step 2")
-        with pytest.raises(CheckpointLeaseError) as refused:
-            ElasticTrainer(**trainer_kwargs(config, faults)).fit()
-        faults.clear("slow")
-        result = run.join()
-    text = str(refused.value)
-    assert f"checkpoint root {config.checkpoint.uri} is in use by job " in text, text
-    assert "elastic_ckpt-coordinator-" in text and "pid" in text
-    assert result.final_step == config.max_steps  # the first job never noticed
-    assert not (tmp_path / "ckpt" / LEASE_FILE).exists()  # released at the end
-
-
+@pytest.mark.slow  # ~65 s: a `ray start` head, two driver runs
 def test_driver_death_takes_the_run_with_it_and_a_rerun_resumes(tmp_path):
     """SIGKILL of ``jobs/train.py`` (the driver): the coordinator and every worker go with it
     (Ray's owner death), no checkpoint is committed after that, and the same command run
@@ -142,5 +128,8 @@ def run_actors(head) -> list[str]:
     """The run's actors Ray lists as alive (coordinator and workers)."""
     out = ray_cli("list", "actors", f"--address={head.address}", "--format=json",
                   "--filter", "state=ALIVE", "--limit", "1000", timeout=60)
-    return [a["class_name"] for a in json.loads(out.stdout or "[]")
+    assert out.returncode == 0, out.stderr[-2000:]
+    if not out.stdout.lstrip().startswith("["):  # "No resource in the cluster"
+        return []
+    return [a["class_name"] for a in json.loads(out.stdout)
             if a.get("class_name") in ("Coordinator", "TrainWorker")]

@@ -60,8 +60,10 @@ def test_the_keeper_renews_and_reports_a_lost_lease(tmp_path) -> None:
         time.sleep(0.05)
     assert lease.record.heartbeat_unix_s > first  # renewed
     other = dataclasses.replace(lease.record, owner="someone-else", job="job-b")
-    (tmp_path / LEASE_FILE).write_text(json.dumps(dataclasses.asdict(other)))
     while keeper.lost is None and time.time() < deadline:
+        # (rewritten: a renewal between its read and its write may overwrite a takeover,
+        # and then the other job finds itself taken over at its own next renewal)
+        (tmp_path / LEASE_FILE).write_text(json.dumps(dataclasses.asdict(other)))
         time.sleep(0.05)
     assert keeper.lost is not None and "job 'job-b'" in str(keeper.lost)
     keeper.stop()
@@ -79,3 +81,20 @@ def test_the_lease_works_on_s3() -> None:
         lease.renew()
         lease.release()
         assert not Storage(uri).exists(LEASE_FILE)
+
+
+def test_fit_is_refused_while_another_job_holds_the_root(tmp_path) -> None:
+    """``ElasticTrainer.fit()`` takes the lease before anything starts: refused at once,
+    naming the other job, without starting Ray."""
+    from ray_jobs import Faults, tiny_config, trainer_kwargs
+
+    from elastic_ckpt import ElasticTrainer
+
+    config = tiny_config(tmp_path, max_steps=4)
+    other = RootLease(config.checkpoint.uri, "the-other-job", timeout_s=60)
+    other.acquire()
+    with pytest.raises(CheckpointLeaseError) as refused:
+        ElasticTrainer(**trainer_kwargs(config, Faults(tmp_path / "faults"))).fit()
+    text = str(refused.value)
+    assert f"checkpoint root {config.checkpoint.uri} is in use by job 'the-other-job'" in text
+    other.release()

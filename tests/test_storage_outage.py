@@ -63,6 +63,7 @@ def test_reads_retry_through_an_outage_and_never_call_it_corrupt(s3_behind_proxy
     assert [c.step for c in CheckpointManager(uri).list()] == [1]  # nothing quarantined
 
 
+@pytest.mark.slow  # ~60 s: each failed save waits out the AWS SDK's and our retries
 def test_a_save_during_an_outage_fails_cleanly_and_training_goes_on(tmp_path,
                                                                    s3_behind_proxy):
     uri, proxy = s3_behind_proxy

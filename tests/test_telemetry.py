@@ -366,6 +366,7 @@ def values(samples, name: str, run: str, **tags) -> list[float]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~30 s with its Ray; metrics.jsonl and TensorBoard are tested in the default
 @pytest.mark.timeout(300)
 def test_prometheus_scrape_sees_the_run(metrics_ray, tmp_path):
     run = "scrape-run"

@@ -11,7 +11,8 @@ logged. A holder that finds at its next renewal that another job owns the lease 
 The lease is plain JSON written whole (local: temp file and rename; object stores: one PUT),
 then read back after a short settle to see who won when two jobs start at the same moment.
 Object stores without conditional writes make this best effort for starts within that
-settle time; the heartbeat check at every renewal still stops the loser.
+settle time, and a renewal racing a takeover (between its read and its write) can put the old
+holder back; either way one of the two finds the other's lease at its next renewal and stops.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from elastic_ckpt.errors import (
     CheckpointSavesFailedError,
     ConfigError,
     ElasticCkptError,
+    StorageError,
 )
 from elastic_ckpt.train.accumulate import WeightedSums, agree_on_names, split_loss
 from elastic_ckpt.train.batch import count_tokens, load_batch
@@ -330,8 +331,12 @@ class RankTrainer:
         state = {"app": app, "model": record,
                  "trainer": self._trainer_state(step, tokens_seen)}
         if self.config.checkpoint.async_save and not final:
-            handle = self._in_flight = self.ckpt.async_save(
-                step, state, overlap_staging=self.config.checkpoint.overlap_staging)
+            try:
+                handle = self._in_flight = self.ckpt.async_save(
+                    step, state, overlap_staging=self.config.checkpoint.overlap_staging)
+            except StorageError as exc:  # unreachable before staging: as if it failed later
+                self._save_failed(step, exc)  # (every rank got the same error)
+                return
             self.hooks.on_event(CheckpointStaged(
                 step=step, seconds=time.perf_counter() - t0, waited_s=waited,
                 staged_s=handle.staged_s, staging_bytes=self.ckpt.staging_bytes))
@@ -357,19 +362,7 @@ class RankTrainer:
             info = handle.result()
         except ElasticCkptError as exc:
             self._in_flight = None
-            self._failed_saves += 1
-            limit = self.config.checkpoint.max_failed_saves
-            last = self.last_committed.uri if self.last_committed else "none"
-            if self.rank == 0:
-                log.warning("checkpoint of step %d failed (%d in a row, limit %d); training "
-                            "continues: %s", step, self._failed_saves, limit, exc)
-            self.hooks.on_event(CheckpointFailed(step, str(exc), self._failed_saves))
-            if self._failed_saves >= limit:
-                raise CheckpointSavesFailedError(
-                    f"{self._failed_saves} checkpoint saves in a row failed "
-                    f"(checkpoint.max_failed_saves={limit}); the last, of step {step}: {exc}. "
-                    f"Last committed checkpoint: {last}. Free space or fix the storage, then "
-                    "re-run: it resumes from there.", step=step, path=last) from None
+            self._save_failed(step, exc)
             return time.perf_counter() - t0
         self._in_flight, self.last_committed, self._failed_saves = None, info, 0
         self.hooks.on_event(CheckpointCommitted(
@@ -377,6 +370,23 @@ class RankTrainer:
             is_async=True, stall_s=handle.stall_s, persist_s=handle.persist_s,
             staging_bytes=self.ckpt.staging_bytes))
         return time.perf_counter() - t0
+
+    def _save_failed(self, step: int, exc: ElasticCkptError) -> None:
+        """A save that did not commit: a warning and an event; ``checkpoint.max_failed_saves``
+        in a row end the run, naming the cause and the last committed checkpoint."""
+        self._failed_saves += 1
+        limit = self.config.checkpoint.max_failed_saves
+        last = self.last_committed.uri if self.last_committed else "none"
+        if self.rank == 0:
+            log.warning("checkpoint of step %d failed (%d in a row, limit %d); training "
+                        "continues: %s", step, self._failed_saves, limit, exc)
+        self.hooks.on_event(CheckpointFailed(step, str(exc), self._failed_saves))
+        if self._failed_saves >= limit:
+            raise CheckpointSavesFailedError(
+                f"{self._failed_saves} checkpoint saves in a row failed "
+                f"(checkpoint.max_failed_saves={limit}); the last, of step {step}: {exc}. "
+                f"Last committed checkpoint: {last}. Free space or fix the storage, then "
+                "re-run: it resumes from there.", step=step, path=last) from None
 
     def _train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     step: int) -> tuple[StepMetrics, bool]:
