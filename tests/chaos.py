@@ -30,7 +30,7 @@ from elastic_ckpt import CheckpointManager
 
 FAULTS = ("kill_worker", "remove_node", "add_node", "drain", "sigstop_worker",
           "corrupt_latest", "fill_disk")
-STEP_S = 0.5
+STEP_S = 0.7
 """About how long a step takes here (the ``slow`` fault marker paces the steps)."""
 MAX_NODES = 4
 

@@ -121,6 +121,8 @@ def test_node_loss_then_capacity_added(tmp_path):
     check_exact_training(result, config, ref)
 
 
+@pytest.mark.slow  # ~30 s; the chaos soak (default suite) loses nodes with the tier on, and
+# test_memory_tier checks the memory restore bit for bit
 def test_node_loss_recovers_from_peer_memory(tmp_path):
     """With the peer-memory tier and no interval checkpoint, a node loss costs at most the
     memory interval: the survivor restores the last snapshot, its own shard and the replica
@@ -153,6 +155,7 @@ def kept(event) -> tuple[int, int]:
     return details["workers_kept"], details["workers_started"]
 
 
+@pytest.mark.slow  # ~30 s; the chaos soak (default suite) drains a node
 def test_drain_checkpoints_before_deadline(tmp_path):
     config = tiny_config(tmp_path, max_steps=30, scaling__max_workers=2)
     ref = reference_losses(config, tmp_path)

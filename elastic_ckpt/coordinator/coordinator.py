@@ -71,6 +71,7 @@ from elastic_ckpt.train.events import (
 )
 
 POLL_INTERVAL_S = 0.1
+_HANG_PING_S = 3.0  # a process that does not answer a ping in this long is stuck
 REPORT_GRACE_S = 2.0
 
 
@@ -334,7 +335,7 @@ class Coordinator:
         deadlock in the training code), never waiting on their collectives. The others'
         collectives then fail and they are kept as after a worker death."""
         self.watchdog.stop()
-        stuck = self.group.unresponsive()
+        stuck = self.group.unresponsive(timeout_s=_HANG_PING_S)
         everyone = not stuck
         ranks = list(range(self.group.size)) if everyone else stuck
         self.group.sigkill(ranks)
