@@ -20,6 +20,7 @@ BLOCK = 64
 
 class _Manifest:
     block_size_bytes = BLOCK
+    tensors: dict = {}
 
 
 def _chunk_file(tmp_path, nbytes: int, pad: int) -> tuple[ChunkReader, ChunkEntry, np.ndarray]:

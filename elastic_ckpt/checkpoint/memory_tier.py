@@ -60,8 +60,8 @@ from elastic_ckpt.checkpoint.peer import (
     Request,
     Wanted,
     box_of,
-    exchange,
     global_rank,
+    read_from_members,
 )
 from elastic_ckpt.checkpoint.plan_cache import PlanCache, stage_with_cached_plan
 from elastic_ckpt.checkpoint.planners import JsonSavePlanner
@@ -445,19 +445,9 @@ class MemoryReader(StorageReader):
             request = Request(fqn, chunk, tuple(item.storage_offsets), tuple(item.lengths))
             wanted.setdefault(member, []).append(
                 (item, planner.resolve_tensor(item).detach(), request))
-        exchange(group_rank(self.process_group), wanted,
-                 lambda r: box_of(self.chunks[(r.fqn, r.chunk)], r), self._count,
-                 self.process_group)
-        for items in wanted.values():
-            for item, dest, _ in items:
-                planner.commit_tensor(item, dest)
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
-
-    def _count(self, nbytes: int) -> None:
-        self.stats.bytes_from_peers += nbytes
-        self.stats.bytes_needed += nbytes
+        return read_from_members(group_rank(self.process_group), wanted,
+                                 lambda r: box_of(self.chunks[(r.fqn, r.chunk)], r),
+                                 self.stats, planner, self.process_group)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from elastic_ckpt.checkpoint.collectives import gather_objects
-from elastic_ckpt.checkpoint.reader import ShardReader
+from elastic_ckpt.checkpoint.reader import ReadStats, ShardReader
 
 ChunkKey = tuple[str, tuple[int, ...]]
 """``(fqn, chunk offsets)``: a chunk as the manifest names it."""
@@ -97,17 +97,8 @@ class PeerShardReader(ShardReader):
             request = Request(fqn, chunk, tuple(item.storage_offsets), tuple(item.lengths))
             from_peers.setdefault(member, []).append((item, dest, request))
         super().read_data(dataclasses.replace(plan, items=from_storage), planner).wait()
-        exchange(me, from_peers, self._box, self._count, self.process_group)
-        for wanted in from_peers.values():
-            for item, dest, _ in wanted:
-                planner.commit_tensor(item, dest)
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
-
-    def _count(self, nbytes: int) -> None:
-        self.stats.bytes_from_peers += nbytes
-        self.stats.bytes_needed += nbytes
+        return read_from_members(me, from_peers, self._box, self.stats, planner,
+                                 self.process_group)
 
     def _box(self, request: Request) -> torch.Tensor:
         """The requested box of a held chunk, contiguous."""
@@ -155,6 +146,24 @@ def exchange(me: int, wanted: Wanted, box: Callable[[Request], torch.Tensor],
             dest.copy_(buffer[at:at + n].view(dest.dtype).view(request.lengths))
             count(n)
             at += _padded(n)
+
+
+def read_from_members(me: int, wanted: Wanted, box: Callable[[Request], torch.Tensor],
+                      stats: ReadStats, planner: LoadPlanner,
+                      group: dist.ProcessGroup | None) -> Future[None]:
+    """A reader's collective step: ``exchange``, then every destination committed to the
+    planner; the bytes count as ``stats.bytes_from_peers``. Returns a done future."""
+    def count(nbytes: int) -> None:
+        stats.bytes_from_peers += nbytes
+        stats.bytes_needed += nbytes
+
+    exchange(me, wanted, box, count, group)
+    for items in wanted.values():
+        for item, dest, _ in items:
+            planner.commit_tensor(item, dest)
+    future: Future[None] = Future()
+    future.set_result(None)
+    return future
 
 
 def box_of(chunk: torch.Tensor, request: Request) -> torch.Tensor:
