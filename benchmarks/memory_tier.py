@@ -78,7 +78,8 @@ def bench(rank: int, world_size: int, o: argparse.Namespace, root: str) -> dict[
             parts["replicate"].append(tier.last.replicate_s)
     state = {"app": AppState(model, optimizer), "trainer": {"step": step + 1}}
     mgr.snapshot(step + 1, state, tier)  # newer than the commit: a restore takes it
-    out = {"times": times, "parts": parts, "state_bytes": local_state_bytes(AppState(model, optimizer)),
+    out = {"times": times, "parts": parts,
+           "state_bytes": local_state_bytes(AppState(model, optimizer)),
            "tier_bytes": tier.nbytes, "replica_bytes": tier.last.replica_bytes}
     # Rank W-1 is lost: the others form a group of W-1 and restore.
     port = [None]
