@@ -19,12 +19,12 @@ import dataclasses
 import os
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import psutil
+from ray_jobs import drain_node
 
 from elastic_ckpt import CheckpointManager
 
@@ -202,10 +202,7 @@ class Soak:
         if len(nodes) <= 1:
             return None
         node = self.rng.choice(nodes)
-        subprocess.run(["ray", "drain-node", "--address", self.cluster.address, "--node-id",
-                        node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                        "--reason-message", "chaos soak", "--deadline-remaining-seconds", "20"],
-                       check=True, timeout=60, capture_output=True)
+        drain_node(self.cluster.address, node.node_id, deadline_s=20, message="chaos soak")
 
         def remove() -> None:
             if node in self.cluster.worker_nodes:

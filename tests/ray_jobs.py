@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -132,6 +133,15 @@ def loopback_cluster(num_nodes: int, cpus_per_node: int = 1) -> Iterator:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def drain_node(address: str, node_id: str, deadline_s: float,
+               message: str = "spot preemption (test)") -> None:
+    """``ray drain-node`` as a spot preemption notice, with ``deadline_s`` left."""
+    subprocess.run(["ray", "drain-node", "--address", address, "--node-id", node_id,
+                    "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", message,
+                    "--deadline-remaining-seconds", str(int(deadline_s))],
+                   check=True, timeout=60, capture_output=True)
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from ray_jobs import (
     Faults,
     Run,
     dataset,
+    drain_node,
     loopback_cluster,
     tiny_config,
     trainer_kwargs,
@@ -165,10 +165,7 @@ def test_drain_checkpoints_before_deadline(tmp_path):
         wait_for(lambda: run.reached(5, world_size=2), 180, "step 5 at 2 workers")
         faults.set("slow")
         node = cluster.worker_nodes.__iter__().__next__()
-        subprocess.run(["ray", "drain-node", "--address", cluster.address,
-                        "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                        "--reason-message", "spot preemption (test)",
-                        "--deadline-remaining-seconds", "60"], check=True, timeout=60)
+        drain_node(cluster.address, node.node_id, deadline_s=60)
         wait_for(lambda: any(m.world_size == 1 for m in run.steps), 120, "training at 1")
         faults.clear("slow")
         result = run.join()

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 from ray_head import ray_cli, ray_head
-from ray_jobs import Faults, Run, loopback_cluster, tiny_config, trainer_kwargs, wait_for
+from ray_jobs import (
+    Faults,
+    Run,
+    drain_node,
+    loopback_cluster,
+    tiny_config,
+    trainer_kwargs,
+    wait_for,
+)
 from test_elastic_ray import check_exact_training, reference_losses
 
 from elastic_ckpt import CheckpointManager, verify
@@ -66,10 +74,7 @@ def test_a_drain_deadline_shorter_than_the_save_falls_back_to_the_last_commit(tm
         wait_for(lambda: run.reached(9, world_size=2), 180, "step 9 at 2 workers")
         faults.set("slow-save")
         node = next(iter(cluster.worker_nodes))
-        subprocess.run(["ray", "drain-node", "--address", cluster.address,
-                        "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                        "--reason-message", "spot preemption (test)",
-                        "--deadline-remaining-seconds", "2"], check=True, timeout=60)
+        drain_node(cluster.address, node.node_id, deadline_s=2)
         time.sleep(2.5)
         cluster.remove_node(node)  # the deadline passes: the cloud takes the node away
         wait_for(lambda: any(m.world_size == 1 for m in run.steps), 180, "training at 1")

@@ -295,12 +295,16 @@ class MemoryTier:
         self.own.step = None
         return self.own
 
+    def complete_pieces(self) -> list[Piece]:
+        """This process's pieces of its newest snapshot that are complete (own and replicas
+        at the record's step)."""
+        if self.record is None:
+            return []
+        return [p for p in (self.own, *self.replicas.values())
+                if p is not None and p.step == self.record.step]
+
     def offer(self) -> Offer | None:
-        record = self.record
-        if record is None:
-            return None
-        pieces = [self.own, *self.replicas.values()]
-        writers = frozenset(p.writer for p in pieces if p is not None and p.step == record.step)
+        record, writers = self.record, frozenset(p.writer for p in self.complete_pieces())
         return Offer(record.group, record.step, record.world_size, writers) if writers else None
 
     # -- the snapshot (collective) -----------------------------------------------------------
@@ -382,9 +386,8 @@ class MemoryTier:
         chunks: dict[ChunkKey, torch.Tensor] = {}
         if self.record is not None and (self.record.group, self.record.step) == (
                 choice.group, choice.step):
-            for piece in [self.own, *self.replicas.values()]:
-                if piece is not None and piece.step == choice.step:
-                    chunks.update(piece.chunks)
+            for piece in self.complete_pieces():
+                chunks.update(piece.chunks)
         return MemoryReader(record, chunks, choice.holders, process_group), record
 
 
