@@ -11,6 +11,7 @@ from elastic_ckpt.errors import (
     ElasticCkptError,
     StorageError,
     TrainingFailedError,
+    TrainingStoppedError,
     WeightsCorruptError,
     WeightsError,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "StorageError",
     "TrainConfig",
     "TrainingFailedError",
+    "TrainingStoppedError",
     "WeightsCorruptError",
     "WeightsError",
     "verify",

@@ -86,6 +86,13 @@ class TrainingFailedError(ElasticCkptError):
     checkpoint, which is intact."""
 
 
+class TrainingStoppedError(ElasticCkptError):
+    """``fit()`` was stopped by ``ElasticTrainer.stop()`` (``jobs/train.py`` calls it on
+    SIGTERM, e.g. ``ray job stop``, and on Ctrl-C): the run's actors were killed, nothing was
+    committed after that, and the message names the last committed checkpoint to resume from.
+    ``reason`` says who stopped it."""
+
+
 class SharedStorageError(StorageError):
     """A local-path ``checkpoint.uri`` is not one filesystem across the group's nodes: a rank
     on another node cannot see what rank 0 wrote. Use shared storage (NFS, Lustre, a mounted

@@ -9,11 +9,18 @@ sets, else a cluster ``ray start`` runs on this machine, else a new local Ray); 
 says which. Relative paths resolve against the working directory; under ``ray job submit``
 (whose working dir is a temporary copy) checkpoint.uri and run_dir must be absolute or s3://.
 Re-running with the same ``checkpoint.uri`` resumes from its latest checkpoint.
+
+SIGTERM (``ray job stop``, a scheduler's stop) or Ctrl-C stops the run within half a second
+(``ElasticTrainer.stop``): the coordinator and its workers are killed, the checkpoint root's
+lease is released, no further checkpoint is committed, and the exit status is 128 + the signal
+(143, 130); a second signal ends the process at once. The steps since the latest committed
+checkpoint are lost; re-running resumes from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from elastic_ckpt.config import load_config  # noqa: E402
-from elastic_ckpt.errors import ElasticCkptError  # noqa: E402
+from elastic_ckpt.errors import ElasticCkptError, TrainingStoppedError  # noqa: E402
 from elastic_ckpt.trainer import ElasticTrainer  # noqa: E402
 from elastic_ckpt.trainer.ray_session import ADDRESS_HELP  # noqa: E402
 from elastic_ckpt.trainer.progress import ProgressPrinter, format_event  # noqa: E402
@@ -63,8 +70,22 @@ def main(argv: list[str] | None = None) -> int:
           f"global batch {config.data.global_batch_size}, {s.min_workers}-{s.max_workers} "
           "workers", flush=True)
     started = time.perf_counter()
+    received: list[int] = []
+
+    def stop(signum: int, frame) -> None:  # only a flag: Ray's calls must not be interrupted
+        received.append(signum)
+        trainer.stop(f"{signal.Signals(signum).name} received")
+        for again in (signal.SIGTERM, signal.SIGINT):  # a second signal ends the process
+            signal.signal(again, signal.SIG_DFL)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
     try:
         result = trainer.fit()
+    except TrainingStoppedError as exc:
+        printer.close()
+        print(f"stopped: {exc}", file=sys.stderr, flush=True)
+        return 128 + received[0]
     except ElasticCkptError as exc:
         printer.close()
         print(f"error: {exc}", file=sys.stderr)

@@ -33,21 +33,29 @@ def ray_cli(*args: str, timeout: float = 180, env: dict | None = None
                                **(env or {})})
 
 
-def processes_of(temp_dir: str) -> list[psutil.Process]:
-    found = []
+def processes_of(temp_dir: str, *markers: str) -> list[psutil.Process]:
+    """The processes whose command line names ``temp_dir`` (or one of ``markers``, e.g. the
+    GCS address Ray's client server is given), and their descendants: Ray's agents retitle
+    themselves (``ray::DashboardAgent``), so only their parent raylet names the temp dir.
+    Never this process."""
+    found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp_dir in arg for arg in proc.info["cmdline"] or ()):
-                found.append(proc)
+            args = proc.info["cmdline"] or ()
+            if any(m in arg for arg in args for m in (temp_dir, *markers)):
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    found.setdefault(child.pid, child)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return found
+    found.pop(os.getpid(), None)
+    return list(found.values())
 
 
-def stop_ray(temp_dir: str) -> None:
+def stop_ray(temp_dir: str, *markers: str) -> None:
     """Stop the Ray started with ``temp_dir`` and only it (``ray stop`` stops every Ray)."""
     for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        procs = processes_of(temp_dir)
+        procs = processes_of(temp_dir, *markers)
         for proc in procs:
             try:
                 proc.send_signal(sig)
@@ -114,8 +122,9 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
                 node.wait(30)
             except subprocess.TimeoutExpired:
                 node.kill()
-        stop_ray(temp_dir)
-        leftover = processes_of(temp_dir)
+        gcs = f"--address={head.address}"  # Ray's client server names only that
+        stop_ray(temp_dir, gcs)
+        leftover = processes_of(temp_dir, gcs)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not leftover, f"Ray processes left behind: {[p.pid for p in leftover]}"
 
@@ -159,8 +168,9 @@ def fake_autoscaling_head(max_nodes: int, cpus_per_node: int = 1,
         assert started.returncode == 0, started.stderr
         yield head
     finally:
-        stop_ray(temp_dir)
-        leftover = processes_of(temp_dir)
+        gcs = f"--address={head.address}"  # Ray's client server names only that
+        stop_ray(temp_dir, gcs)
+        leftover = processes_of(temp_dir, gcs)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not leftover, f"Ray processes left behind: {[p.pid for p in leftover]}"
 

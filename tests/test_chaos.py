@@ -19,6 +19,7 @@ def test_schedule_is_seeded_and_mixes_every_kind() -> None:
 
 @pytest.mark.timeout(900)
 def test_two_minute_chaos_soak_ends_equal_to_the_reference(tmp_path) -> None:
+    # soak raises unless the run equals the reference (final parameters atol 1e-6: 171 steps)
     report = soak(tmp_path, minutes=2, seed=3, count=4, every=(15, 25))
     print(report.table())
     print(f"goodput {report.goodput:.1%} ({report.useful_s:.1f} s of useful steps in "
@@ -29,7 +30,8 @@ def test_two_minute_chaos_soak_ends_equal_to_the_reference(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_ten_minute_chaos_soak(tmp_path) -> None:
-    report = soak(tmp_path, minutes=10, seed=1)
+    report = soak(tmp_path, minutes=10, seed=1, spread_sizes=(1, 3))  # 857 steps: see soak
     print(report.table())
-    print(f"goodput {report.goodput:.1%}")
+    print(f"goodput {report.goodput:.1%}; final parameter nearest its tolerance: "
+          f"{report.worst_param()}")
     assert len(report.faults) >= 8

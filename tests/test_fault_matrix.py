@@ -1,7 +1,7 @@
 """``ray`` fault tests of what large clusters suffer most (issue 12's matrix), on a loopback
 ``ray.cluster_utils.Cluster`` or a ``ray start`` head, checked against the fixed-size reference
 run where training completes: a hung rank, a drain deadline shorter than the save, the driver
-killed."""
+killed or stopped with ``ray job stop``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ray_head import ray_cli, ray_head
+from test_job_submit import submit
 from ray_jobs import (
     Faults,
     Run,
@@ -126,6 +127,45 @@ def test_driver_death_takes_the_run_with_it_and_a_rerun_resumes(tmp_path):
     assert rerun.returncode == 0, out[-4000:]
     assert f"resuming from step {last}" in out, out[-4000:]
     assert "taking over the lease" in out, out[-4000:]
+    assert mgr.latest().step == last + 3
+
+
+@pytest.mark.slow  # ~60 s: a `ray start` head, two submitted jobs
+def test_ray_job_stop_stops_the_run_and_a_resubmit_resumes(tmp_path):
+    """``ray job stop``: Ray sends the driver SIGTERM (SIGKILL 3 s later); ``jobs/train.py``
+    turns it into ``ElasticTrainer.stop()``, which kills the coordinator and its workers and
+    releases the lease within that grace, says what was kept, and the job ends stopped. Resubmitting resumes
+    from the latest committed checkpoint without any lease takeover."""
+    config = tiny_config(tmp_path, max_steps=400, scaling__max_workers=2)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    mgr = CheckpointManager(config.checkpoint.uri)
+    with ray_head(num_cpus=2) as head:
+        started = submit(head, "--config", str(path), timeout=120,
+                         options=("--no-wait", "--submission-id=stopme"))
+        assert started.returncode == 0, started.stderr[-4000:]
+        wait_for(lambda: (mgr.latest() or 0) and mgr.latest().step >= 8, 240,
+                 "a committed checkpoint at step 8")
+        stop = ray_cli("job", "stop", f"--address={head.dashboard}", "stopme", timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        wait_for(lambda: not run_actors(head), 60, "the run's actors gone")
+        last = mgr.latest().step
+        assert not (Path(config.checkpoint.uri) / ".lease").exists()  # released, not left
+        status = ray_cli("job", "status", f"--address={head.dashboard}", "stopme")
+        assert "Job 'stopme' was stopped" in status.stdout, status.stdout + status.stderr
+        logs = ray_cli("job", "logs", f"--address={head.dashboard}", "stopme").stdout
+        assert ("stopped: training stopped (SIGTERM received): the run's coordinator and "
+                "workers were stopped and the checkpoint root's lease released") in logs, \
+            logs[-4000:]
+        assert f"last committed checkpoint: {mgr.latest().uri}" in logs, logs[-4000:]
+        time.sleep(3)
+        assert mgr.latest().step == last  # no orphan rank goes on writing
+        rerun = submit(head, "--config", str(path), "--set", f"max_steps={last + 3}",
+                       timeout=300)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-4000:]
+    assert f"resuming from step {last}" in out, out[-4000:]
+    assert "taking over the lease" not in out, out[-4000:]
     assert mgr.latest().step == last + 3
 
 

@@ -16,12 +16,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 EXCLUDES = json.dumps({"excludes": [".git", "checkpoints", "runs", "*.egg-info"]})
 
 
-def _submit(head, *args: str, timeout: float = 420):
+def submit(head, *args: str, timeout: float = 420, options: tuple[str, ...] = ()):
+    """``ray job submit OPTIONS ... -- python jobs/train.py ARGS``, once the head's job agent
+    is up."""
     deadline = time.time() + 90
     while True:
         out = ray_cli("job", "submit", f"--address={head.dashboard}", f"--working-dir={REPO}",
-                      f"--runtime-env-json={EXCLUDES}", "--", "python", "jobs/train.py", *args,
-                      timeout=timeout)
+                      f"--runtime-env-json={EXCLUDES}", *options, "--", "python",
+                      "jobs/train.py", *args, timeout=timeout)
         # Right after `ray start` the head's job agent may not be up yet.
         if "No available agent to submit job" not in out.stderr or time.time() > deadline:
             return out
@@ -32,7 +34,7 @@ def test_ray_job_submit_default_job_and_relative_paths(tmp_path):
     with ray_head(num_cpus=2) as head:
         # A relative checkpoint.uri would land in Ray's temporary working-dir copy: refused
         # before anything trains, naming the field and what to do.
-        refused = _submit(head, "--set", "max_steps=4", "--set", f"run_dir={tmp_path / 'r0'}",
+        refused = submit(head, "--set", "max_steps=4", "--set", f"run_dir={tmp_path / 'r0'}",
                           timeout=240)
         out = refused.stdout + refused.stderr
         assert refused.returncode != 0, out[-4000:]
@@ -40,7 +42,7 @@ def test_ray_job_submit_default_job_and_relative_paths(tmp_path):
         assert "deletes when the job ends" in out and "s3://" in out, out[-4000:]
         assert "step      1" not in out
 
-        job = _submit(head, "--set", "max_steps=12",
+        job = submit(head, "--set", "max_steps=12",
                       "--set", f"checkpoint.uri={tmp_path / 'ckpt'}",
                       "--set", f"run_dir={tmp_path / 'run'}")
         out = job.stdout + job.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import sys
 
 from elastic_ckpt.trainer import ray_session
 from elastic_ckpt.trainer.ray_session import RaySession
@@ -33,3 +35,25 @@ def test_a_stale_ray_address_file_is_recognised(monkeypatch):
     monkeypatch.setattr(ray_session.ray._private.utils, "read_ray_address",
                         lambda temp_dir=None: None)
     assert ray_session._stale_local_address() is None
+
+
+def test_connect_keeps_the_callers_sigterm_handler(monkeypatch):
+    """``ray.init`` installs its own SIGTERM handler (``sys.exit``); the driver's graceful
+    stop (``jobs/train.py``) must survive it."""
+    def fake_init(**kwargs):  # what ray.init does to the handler
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+    monkeypatch.setattr(ray_session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_session.ray, "init", fake_init)
+    monkeypatch.setattr(ray_session, "current_session",
+                        lambda: RaySession(True, "127.0.0.1:6379", 1, 2, 0))
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert ray_session.connect("local").started
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)

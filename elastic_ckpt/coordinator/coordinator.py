@@ -154,6 +154,14 @@ class Coordinator:
         """Steps, evals and completed events since the previous call (for the driver)."""
         return self.record.take_progress()
 
+    def processes(self) -> dict[str, list[tuple[str, int]]]:
+        """Where the run's processes are, for an operator or a fault injector: ``members``
+        (the group, in rank order) and ``spares``, each ``(node id, pid)``; a worker still
+        starting is left out."""
+        def where(workers: list) -> list[tuple[str, int]]:
+            return [(w.node_id, w.pid) for w in list(workers) if w.pid]
+        return {"members": where(self.group.workers), "spares": where(self.group.spares)}
+
     # -- transitions ------------------------------------------------------------------------
     def _transition(self, state: State) -> State:
         handler = {Starting: self._starting, Running: self._running, Resizing: self._resizing,

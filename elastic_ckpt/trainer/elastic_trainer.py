@@ -24,7 +24,7 @@ from elastic_ckpt.coordinator.coordinator import Progress
 from elastic_ckpt.coordinator.policy import FailurePolicyProtocol, ScalingPolicyProtocol
 from elastic_ckpt.coordinator.telemetry import require_tensorboard
 from elastic_ckpt.data import ParquetDataset, SyntheticLMDataset
-from elastic_ckpt.errors import ConfigError, TrainingFailedError
+from elastic_ckpt.errors import ConfigError, TrainingFailedError, TrainingStoppedError
 from elastic_ckpt.train import EvalMetrics, StepMetrics, TrainJob, TrainSpec
 from elastic_ckpt.trainer.preflight import Preflight, preflight
 from elastic_ckpt.trainer.ray_session import RaySession, connect
@@ -124,12 +124,22 @@ class ElasticTrainer:
         """Which Ray ``fit`` ran on."""
         self.coordinator_name: str | None = None
         """The Ray actor name of the running coordinator (set by ``fit``)."""
+        self._stop_reason: str | None = None
+
+    def stop(self, reason: str = "ElasticTrainer.stop() was called") -> None:
+        """Stop a running ``fit()`` from another thread or a signal handler (it only sets a
+        flag): within half a second ``fit()`` kills the coordinator and with it every worker,
+        releases the checkpoint root's lease and raises ``TrainingStoppedError`` naming the
+        latest committed checkpoint (nothing is committed after the stop; the steps since
+        that checkpoint are lost, and ``fit()`` again resumes from it)."""
+        self._stop_reason = reason
 
     def fit(self) -> Result:
         """Train to ``max_steps`` across any resizes and failures. Before any worker starts,
         the checkpoint root and ``run_dir`` are probed and the datasets opened (typed errors
         naming the field). Raises ``TrainingFailedError`` (the last committed checkpoint stays
-        intact)."""
+        intact), or ``TrainingStoppedError`` after ``stop()``."""
+        self._stop_reason = None
         self.preflight = preflight(self.config, self.job.dataset, self.job.eval_dataset)
         # Named, so an operator finds it in `ray list actors`, the dashboard and the lease.
         self.coordinator_name = f"elastic_ckpt-coordinator-{uuid.uuid4().hex[:8]}"
@@ -166,6 +176,8 @@ class ElasticTrainer:
                 self._show(ray.get(coordinator.progress.remote()))
                 if keeper is not None and keeper.lost is not None:
                     raise TrainingFailedError(str(keeper.lost))  # the finally kills the run
+                if self._stop_reason is not None:
+                    raise self._stopped()  # the finally kills the run
             self._show(ray.get(coordinator.progress.remote()))
             out = ray.get(run)
         except ray.exceptions.RayError as exc:
@@ -177,6 +189,13 @@ class ElasticTrainer:
         return Result(final_step=out.final_step, checkpoint=out.checkpoint, history=out.history,
                       events=out.events, sample_ledger=out.sample_ledger,
                       eval_history=out.eval_history)
+
+    def _stopped(self) -> TrainingStoppedError:
+        last = latest_or_reason(self.config.checkpoint.uri)[1]
+        return TrainingStoppedError(
+            f"training stopped ({self._stop_reason}): the run's coordinator and workers were "
+            f"stopped and the checkpoint root's lease released; last committed checkpoint: "
+            f"{last}. Run it again to resume from there.", reason=self._stop_reason)
 
     def _show(self, progress: Progress) -> None:
         if self.on_progress is not None and (progress.steps or progress.events

@@ -4,9 +4,13 @@ or start a local one."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import socket
+import threading
+from typing import Iterator
 
 import ray
 
@@ -43,29 +47,51 @@ class RaySession:
 
 def connect(address: str | None = None) -> RaySession:
     """Connect this process to Ray as ``address`` says (see ``ADDRESS_HELP``); a process
-    already connected keeps its connection."""
+    already connected keeps its connection. A SIGTERM handler the caller installed stays
+    (``ray.init`` replaces it with its own)."""
     note = ""
     if not ray.is_initialized():
-        local = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
-                 "_node_ip_address": "127.0.0.1"}
-        try:
-            if address == "local":
-                ray.init(address="local", log_to_driver=True, **local)
-            elif address is None:
-                joining = bool(os.environ.get("RAY_ADDRESS"))
-                stale = None if joining else _stale_local_address()
-                if stale:  # Ray would wait minutes for a cluster that is gone: start one
-                    note = (f"the cluster `ray start` last ran on this machine ({stale}) does "
-                            "not answer")
-                ray.init(address="local" if stale else None, log_to_driver=True,
-                         **({} if joining else local))
-            else:
-                ray.init(address=address, log_to_driver=True)
-        except ConnectionError as exc:
-            raise ConfigError(f"cannot join the Ray cluster at {address or 'RAY_ADDRESS'}: "
-                              f"{exc}. Check the address, or use --ray-address local to start "
-                              "a local Ray.", field="ray_address") from None
+        with _keeping_sigterm_handler():
+            note = _init(address)
     return dataclasses.replace(current_session(), note=note)
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """Put back a Python SIGTERM handler (``jobs/train.py``'s graceful stop) that ``ray.init``
+    replaced; Ray's own cleanup at exit still runs (atexit)."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init(address: str | None) -> str:
+    """``ray.init`` as ``address`` says; returns why this Ray was chosen when not obvious."""
+    note = ""
+    local = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
+             "_node_ip_address": "127.0.0.1"}
+    try:
+        if address == "local":
+            ray.init(address="local", log_to_driver=True, **local)
+        elif address is None:
+            joining = bool(os.environ.get("RAY_ADDRESS"))
+            stale = None if joining else _stale_local_address()
+            if stale:  # Ray would wait minutes for a cluster that is gone: start one
+                note = (f"the cluster `ray start` last ran on this machine ({stale}) does "
+                        "not answer")
+            ray.init(address="local" if stale else None, log_to_driver=True,
+                     **({} if joining else local))
+        else:
+            ray.init(address=address, log_to_driver=True)
+    except ConnectionError as exc:
+        raise ConfigError(f"cannot join the Ray cluster at {address or 'RAY_ADDRESS'}: "
+                          f"{exc}. Check the address, or use --ray-address local to start "
+                          "a local Ray.", field="ray_address") from None
+    return note
 
 
 def _stale_local_address() -> str | None:
