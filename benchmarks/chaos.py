@@ -64,14 +64,21 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(report.table())
     recovered = [f.recovered_s for f in report.faults if f.recovered_s is not None]
-    print(f"\n{len(report.faults)} faults over {report.wall_s:.0f} s, final step "
+    answered = sum(1 for f in report.faults if f.event)
+    print(f"\n{len(report.faults)} faults over {report.wall_s:.0f} s ({answered} answered by a "
+          f"resize or recovery, the rest absorbed while training went on), final step "
           f"{report.final_step}; recovery median "
           f"{sorted(recovered)[len(recovered) // 2] if recovered else float('nan'):.1f} s, "
-          f"max {max(recovered, default=float('nan')):.1f} s; steps redone "
-          f"{sum(f.steps_redone for f in report.faults)}")
+          f"max {max(recovered, default=float('nan')):.1f} s; steps lost "
+          f"{sum(f.steps_lost for f in report.faults)}")
     print(f"goodput {report.goodput:.1%} ({report.useful_s:.1f} s of useful step time in "
           f"{report.wall_s:.1f} s); goal >= {GOODPUT_GOAL:.0%}: "
           f"{'met' if report.goodput >= GOODPUT_GOAL else 'MISSED'}")
+    other = report.wall_s - report.useful_s - report.startup_s - report.stopped_s
+    print(f"where the rest went: startup to the first step {report.startup_s:.1f} s, training "
+          f"stopped for resizes and recoveries {report.stopped_s:.1f} s (detect + event), "
+          f"between steps {other:.1f} s (checkpoint and snapshot work outside the step, "
+          "reports, the end)")
     fqn, diff, tol = report.worst_param()
     print("equivalence with the fixed-size run: exact ledger, losses rtol 1e-5, final "
           f"parameters: passed (nearest its tolerance: {fqn}, |diff| {diff:.1e} <= atol "

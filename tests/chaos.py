@@ -4,10 +4,11 @@ sample ledger, per-step loss rtol 1e-5, final parameters atol 1e-6).
 
 Faults (``FAULTS``), one every ``every`` seconds (uniform): SIGKILL a training rank's process,
 remove a node, add a node, drain a node with a 20 s deadline (then remove it), SIGSTOP a
-training rank (the hang watchdog must find and kill it), corrupt the latest committed checkpoint, fill the
-checkpoint disk (a tmpfs) for 15 s. Each is recorded with the seconds until training got past
-the step it was at and the steps it had to redo; goodput is the step time of the steps in the
-final history over the run's wall time.
+training rank (the hang watchdog must find and kill it), corrupt the latest committed
+checkpoint, fill the checkpoint disk (a tmpfs) for 15 s. Each is recorded with the coordinator
+event that answered it (none when training went on), the seconds from the fault to that
+event's first step, and the steps lost; goodput is the step time of the steps in the final
+history over the run's wall time.
 
 ``benchmarks/chaos.py`` is the command line (10 minutes); ``tests/test_chaos.py`` runs 2
 minutes with 4 faults in the default suite.
@@ -59,12 +60,16 @@ class FaultRecord:
     kind: str
     detail: str
     at_step: int
+    """The last step the driver had been told of (it hears of steps up to ~0.5 s late)."""
+    unix_s: float = 0.0
+    event: str = ""
+    """The coordinator's event that answered the fault (the first one after it, before the
+    next fault), or empty when training did not stop for it."""
     recovered_s: float | None = None
-    """Seconds from the fault until a step past ``at_step`` was reported."""
-    steps_redone: int = 0
-    """Steps that had completed before the fault and ran again (restored from older state)."""
-    first_report: int = 0
-    """How many step reports had arrived when the fault was injected."""
+    """Seconds from the fault to the first step of the group that event formed (the hang
+    watchdog's wait, the drain, teardown, restore... all inside)."""
+    steps_lost: int = 0
+    """Steps that had completed but were not in the state the new group resumed from."""
 
 
 @dataclasses.dataclass
@@ -74,6 +79,10 @@ class SoakReport:
     useful_s: float
     final_step: int
     result: Any
+    startup_s: float = 0.0
+    """From the soak's start to the first group's first step (Ray actors, build, warm-up)."""
+    stopped_s: float = 0.0
+    """Training stopped for the events after the start: each one's ``detect`` + ``total_s``."""
     param_diffs: dict[str, float] = dataclasses.field(default_factory=dict)
     """Each final parameter's largest absolute difference from the fixed-size reference."""
     param_atol: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -89,12 +98,12 @@ class SoakReport:
         return self.useful_s / self.wall_s if self.wall_s else 0.0
 
     def table(self) -> str:
-        rows = ["| at s | fault | detail | at step | recovery s | steps redone |",
-                "|---|---|---|---|---|---|"]
+        rows = ["| at s | fault | detail | at step | event | recovery s | steps lost |",
+                "|---|---|---|---|---|---|---|"]
         for f in self.faults:
-            rec = "n/a" if f.recovered_s is None else f"{f.recovered_s:.1f}"
-            rows.append(f"| {f.at_s:.0f} | {f.kind} | {f.detail} | {f.at_step} | {rec} | "
-                        f"{f.steps_redone} |")
+            rec = "-" if f.recovered_s is None else f"{f.recovered_s:.1f}"
+            rows.append(f"| {f.at_s:.0f} | {f.kind} | {f.detail} | {f.at_step} | "
+                        f"{f.event or 'none: training went on'} | {rec} | {f.steps_lost} |")
         return "\n".join(rows)
 
 
@@ -117,6 +126,7 @@ class Soak:
     def run(self, cluster: Any, run: Any) -> SoakReport:
         self.cluster, self.run_ = cluster, run
         self._t0 = t0 = time.monotonic()
+        t0_unix = time.time()
         plan = list(self.plan)
         while run.thread.is_alive():
             now = time.monotonic() - t0
@@ -126,16 +136,20 @@ class Soak:
             if plan and plan[0][0] <= now:
                 _, kind = plan.pop(0)
                 self._inject(kind, now, run)
-            self._track(run, now)
             time.sleep(0.2)
         wall = time.monotonic() - t0
         for _, action in self._later:  # the run ended first: undo what is still pending
             action()
         self._cleanup()
         result = run.join(0)
-        self._track(run, wall)
+        self._attribute(result.events)
         useful = sum(m.step_time_s for m in result.history)
-        return SoakReport(self.records, wall, useful, result.final_step, result)
+        start = next(e for e in result.events if e.kind == "start")
+        stopped = sum(e.phases.get("detect", 0.0) + (e.total_s or 0.0)
+                      for e in result.events if e.kind != "start")
+        return SoakReport(self.records, wall, useful, result.final_step, result,
+                          startup_s=start.started_unix_s + (start.total_s or 0.0) - t0_unix,
+                          stopped_s=stopped)
 
     def _inject(self, kind: str, now: float, run: Any) -> None:
         step = max((m.step for m in run.steps), default=0)
@@ -143,23 +157,21 @@ class Soak:
         if detail is None:
             return
         self.log(f"[{now:6.1f} s] fault {kind}: {detail} (at step {step})")
-        self.records.append(FaultRecord(round(now, 1), kind, detail, step,
-                                        first_report=len(run.steps)))
+        self.records.append(FaultRecord(round(now, 1), kind, detail, step, time.time()))
 
-    def _track(self, run: Any, now: float) -> None:
-        """Fill in each fault's recovery (at this poll's resolution, 0.2 s): the first step
-        past ``at_step`` reported after the fault, and the lowest step reported in between
-        (the restore point)."""
-        for rec in self.records:
-            if rec.recovered_s is not None:
+    def _attribute(self, events: Any) -> None:
+        """Each fault's answer: the first non-start event that began after it and before the
+        next fault (a hang's event begins once the watchdog has waited; its ``detect`` phase
+        lies before), and the seconds to that event's first step."""
+        bounds = [r.unix_s for r in self.records[1:]] + [float("inf")]
+        for rec, until in zip(self.records, bounds):
+            event = next((e for e in events if e.kind != "start"
+                          and rec.unix_s <= e.started_unix_s < until), None)
+            if event is None or event.total_s is None:
                 continue
-            after = run.steps[rec.first_report:]
-            past = next((j for j, m in enumerate(after) if m.step > rec.at_step), None)
-            if past is None:
-                continue
-            rec.recovered_s = round(now - rec.at_s, 1)
-            low = min(m.step for m in after[:past + 1])
-            rec.steps_redone = max(0, rec.at_step - low + 1)
+            rec.event = event.kind
+            rec.recovered_s = round(event.started_unix_s + event.total_s - rec.unix_s, 1)
+            rec.steps_lost = event.steps_lost or 0
 
     # -- faults (each returns what it did, or None when it does not apply now) ---------------
     def _member(self) -> tuple[int, int] | None:
