@@ -26,7 +26,7 @@ from ray_jobs import (
 )
 from test_elastic_ray import check_exact_training, reference_losses
 
-from elastic_ckpt import CheckpointManager, verify
+from elastic_ckpt import CheckpointManager, TrainingStoppedError, verify
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,36 @@ def test_a_stopped_rank_is_detected_killed_and_training_resumes(tmp_path):
     assert hang.resumed_step >= max(committed)  # no committed checkpoint lost
     assert hang.details["workers_kept"] == 1, hang.details  # the blocked peer trained on
     check_exact_training(result, config, ref)
+
+
+def test_stop_kills_the_run_releases_the_lease_and_names_the_last_commit(tmp_path):
+    """``ElasticTrainer.stop()`` from another thread (what ``jobs/train.py``'s SIGTERM
+    handler calls): ``fit()`` raises ``TrainingStoppedError`` naming the latest commit, every
+    actor of the run is gone, the lease is released and nothing is committed after."""
+    import psutil  # noqa: PLC0415
+    import ray  # noqa: PLC0415
+
+    config = tiny_config(tmp_path, max_steps=400, scaling__max_workers=1)
+    with loopback_cluster(num_nodes=1):
+        run = Run(**trainer_kwargs(config, Faults(tmp_path / "faults")))
+        wait_for(lambda: run.reached(9), 180, "step 9")
+        name = run.trainer.coordinator_name
+        members = ray.get(ray.get_actor(name).processes.remote())["members"]
+        pids = [pid for _, pid in members]
+        assert pids
+        run.trainer.stop("stopped by the test")
+        with pytest.raises(TrainingStoppedError) as stopped:
+            run.join(60)
+        latest = CheckpointManager(config.checkpoint.uri).latest()
+        assert "training stopped (stopped by the test)" in str(stopped.value)
+        assert f"last committed checkpoint: {latest.uri}" in str(stopped.value)
+        assert stopped.value.reason == "stopped by the test"
+        wait_for(lambda: not any(psutil.pid_exists(pid) for pid in pids), 60,
+                 "the workers' processes gone")
+        with pytest.raises(ValueError):  # the coordinator actor is gone too
+            ray.get_actor(name)
+    assert not (Path(config.checkpoint.uri) / ".lease").exists()
+    assert CheckpointManager(config.checkpoint.uri).latest().step == latest.step
 
 
 @pytest.mark.slow  # ~35 s; the chaos soak drains nodes in the default suite
