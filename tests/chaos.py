@@ -135,7 +135,7 @@ class Soak:
                 action()
             if plan and plan[0][0] <= now:
                 _, kind = plan.pop(0)
-                self._inject(kind, now, run)
+                self._inject(kind, now)
             time.sleep(0.2)
         wall = time.monotonic() - t0
         for _, action in self._later:  # the run ended first: undo what is still pending
@@ -151,8 +151,8 @@ class Soak:
                           startup_s=start.started_unix_s + (start.total_s or 0.0) - t0_unix,
                           stopped_s=stopped)
 
-    def _inject(self, kind: str, now: float, run: Any) -> None:
-        step = max((m.step for m in run.steps), default=0)
+    def _inject(self, kind: str, now: float) -> None:
+        step = max((m.step for m in self.run_.steps), default=0)
         detail = getattr(self, f"_{kind}")()
         if detail is None:
             return
@@ -298,10 +298,9 @@ def soak(tmp: Path, minutes: float, seed: int, count: int | None = None,
             failure__max_failures=None, failure__step_timeout_s=10,
             failure__first_step_timeout_s=120)
         ref = reference_losses(config, disk)
-        atol = None
+        base = reference_parameters(config)
+        atol = {fqn: 1e-6 for fqn in base}
         if spread_sizes:
-            base = reference_parameters(config)
-            atol = {fqn: 1e-6 for fqn in base}
             for size in spread_sizes:
                 reference_losses(config, disk, world_size=size)
                 for fqn, value in reference_parameters(config, size).items():
@@ -318,5 +317,5 @@ def soak(tmp: Path, minutes: float, seed: int, count: int | None = None,
             run = Run(**trainer_kwargs(config, faults))
             report = Soak(plan, Path(config.checkpoint.uri), disk, seed, log).run(cluster, run)
         report.param_diffs = check_exact_training(report.result, config, ref, atol)
-        report.param_atol = atol or {fqn: 1e-6 for fqn in report.param_diffs}
+        report.param_atol = atol
     return report

@@ -32,12 +32,16 @@ from elastic_ckpt.train.local import run_local_group
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
+def _reference_root(tmp_path, world_size: int) -> str:
+    """Where ``reference_losses`` at ``world_size`` keeps its checkpoints."""
+    return os.path.join(tmp_path, "ref-ckpt" if world_size == 2 else f"ref-ckpt-w{world_size}")
+
+
 def reference_losses(config, tmp_path, world_size: int = 2) -> dict[int, float]:
     """The same run at a fixed world size (2 unless told), without Ray (its final checkpoint
     in ``tmp_path/ref-ckpt``, or ``ref-ckpt-w{W}`` at another size)."""
-    name = "ref-ckpt" if world_size == 2 else f"ref-ckpt-w{world_size}"
     ref_config = config.model_copy(update={"checkpoint": config.checkpoint.model_copy(
-        update={"uri": str(tmp_path / name)})})
+        update={"uri": _reference_root(tmp_path, world_size)})})
     history = []
     job = TrainJob(ref_config, TrainSpec(functools.partial(build_gpt, ref_config.model), lm_loss),
                    dataset())
@@ -66,9 +70,9 @@ def comparable(fqn: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def reference_parameters(config, world_size: int = 2) -> dict[str, torch.Tensor]:
-    """The final parameters of ``reference_losses(config, ..., world_size)``."""
-    name = "ref-ckpt" if world_size == 2 else f"ref-ckpt-w{world_size}"
-    ref_root = os.path.join(os.path.dirname(config.checkpoint.uri), name)
+    """The final parameters of ``reference_losses(config, ..., world_size)`` (run with the
+    directory that holds ``config.checkpoint.uri``)."""
+    ref_root = _reference_root(os.path.dirname(config.checkpoint.uri), world_size)
     return final_parameters(CheckpointManager(ref_root).latest().uri)
 
 

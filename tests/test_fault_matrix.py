@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 from ray_head import ray_cli, ray_head
-from test_job_submit import submit
 from ray_jobs import (
     Faults,
     Run,
@@ -25,6 +24,7 @@ from ray_jobs import (
     wait_for,
 )
 from test_elastic_ray import check_exact_training, reference_losses
+from test_job_submit import submit
 
 from elastic_ckpt import CheckpointManager, TrainingStoppedError, verify
 
@@ -164,8 +164,8 @@ def test_driver_death_takes_the_run_with_it_and_a_rerun_resumes(tmp_path):
 def test_ray_job_stop_stops_the_run_and_a_resubmit_resumes(tmp_path):
     """``ray job stop``: Ray sends the driver SIGTERM (SIGKILL 3 s later); ``jobs/train.py``
     turns it into ``ElasticTrainer.stop()``, which kills the coordinator and its workers and
-    releases the lease within that grace, says what was kept, and the job ends stopped. Resubmitting resumes
-    from the latest committed checkpoint without any lease takeover."""
+    releases the lease within that grace, says what was kept, and the job ends stopped.
+    Resubmitting resumes from the latest committed checkpoint without any lease takeover."""
     config = tiny_config(tmp_path, max_steps=400, scaling__max_workers=2)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
